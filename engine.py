@@ -1,0 +1,89 @@
+"""The training and evaluation loops."""
+
+import contextlib
+import math
+
+import torch
+
+import utils
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def autocast(device, enabled):
+    """Mixed precision: float16 on CUDA (with a GradScaler), bfloat16 on CPU (needs none)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    return torch.amp.autocast(device_type, dtype=dtype)
+
+
+def to_device(images, targets, device):
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [
+        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def train_one_epoch(model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler=None):
+    """One pass over `data_loader`; steps the (per-iteration) scheduler after every optimizer step.
+
+    Returns the epoch's average of each loss over all iterations and ranks.
+    """
+    model.train()
+    logger = utils.MetricLogger()
+    logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    for iteration, (images, targets) in enumerate(
+        logger.log_every(data_loader, args.print_freq, header)
+    ):
+        images, targets = to_device(images, targets, device)
+        with autocast(device, args.amp):
+            loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+
+        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        loss_value = sum(loss_dict_reduced.values()).item()
+        if not math.isfinite(loss_value):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict_reduced.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, iteration {iteration}: {values}"
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        else:
+            loss.backward()
+        if args.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        logger.update(lr=optimizer.param_groups[0]["lr"], loss=loss_value, **loss_dict_reduced)
+        lr_scheduler.step()
+    return {k: v for k, v in logger.global_averages().items() if k != "lr"}
+
+
+@torch.inference_mode()
+def evaluate(model, data_loader, device, evaluator, amp=False, print_freq=100):
+    """Runs the model over `data_loader` and returns the evaluator's stats per IoU type."""
+    model.eval()
+    logger = utils.MetricLogger()
+    for images, targets in logger.log_every(data_loader, print_freq, "Test:"):
+        images = [image.to(device, non_blocking=True) for image in images]
+        with autocast(device, amp):
+            outputs = model(images)
+        evaluator.update(
+            {target["image_id"]: output for target, output in zip(targets, outputs, strict=True)}
+        )
+    evaluator.synchronize_between_processes()
+    return evaluator.evaluate()

@@ -1,0 +1,58 @@
+"""Augmentation recipes: paired image/target transforms built from torchvision.transforms.v2."""
+
+import torch
+from torchvision.transforms import v2 as T
+
+DATA_AUGMENTATIONS = ("hflip", "lsj", "multiscale", "ssd", "ssdlite")
+
+
+def augmentation_steps(name, min_size, max_size, hflip_prob):
+    """The random steps of a recipe. Sizes follow the model's --min-size/--max-size, scaled as
+    torchvision's reference scales them from its 800/1333 defaults (lsj crops 1024 = 1.28 x 800,
+    multiscale draws the shorter side from 0.6 to 1.0 x 800)."""
+    hflip = T.RandomHorizontalFlip(p=hflip_prob)
+    if name == "hflip":
+        return [hflip]
+    if name == "lsj":
+        crop = round(1.28 * min_size)
+        return [
+            T.ScaleJitter(target_size=(crop, crop), scale_range=(0.1, 2.0)),
+            T.RandomCrop((crop, crop), pad_if_needed=True),
+            hflip,
+        ]
+    if name == "multiscale":
+        sizes = [round(min_size * f) for f in (0.6, 0.7, 0.8, 0.9, 1.0)]
+        return [T.RandomShortestSize(min_size=sizes, max_size=max_size), hflip]
+    if name == "ssd":
+        return [T.RandomPhotometricDistort(), T.RandomZoomOut(), T.RandomIoUCrop(), hflip]
+    if name == "ssdlite":
+        return [T.RandomIoUCrop(), hflip]
+    raise ValueError(f"unknown data augmentation {name!r}, expected one of {DATA_AUGMENTATIONS}")
+
+
+class DetectionPresetTrain:
+    """Float image in [0, 1], a recipe's random steps, then objects left without a box dropped."""
+
+    def __init__(self, data_augmentation="hflip", min_size=800, max_size=1333, hflip_prob=0.5):
+        self.transforms = T.Compose(
+            [
+                T.ToDtype(torch.float32, scale=True),
+                *augmentation_steps(data_augmentation, min_size, max_size, hflip_prob),
+                T.ClampBoundingBoxes(),
+                T.SanitizeBoundingBoxes(),
+                T.ToPureTensor(),
+            ]
+        )
+
+    def __call__(self, image, target):
+        return self.transforms(image, target)
+
+
+class DetectionPresetEval:
+    """No resizing here: the model resizes its input and maps predictions back to the original."""
+
+    def __init__(self):
+        self.transforms = T.Compose([T.ToDtype(torch.float32, scale=True), T.ToPureTensor()])
+
+    def __call__(self, image, target):
+        return self.transforms(image, target)

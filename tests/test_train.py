@@ -1,0 +1,160 @@
+"""End-to-end runs of train.main on the 64 px demo dataset (a few iterations each)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import train
+
+FAST = [
+    "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
+    "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
+    "--box-batch-size-per-image", "32", "--lr", "0.01", "--clip-grad-norm", "10", "--seed", "0",
+]  # fmt: skip
+
+
+def run_main(data_root, output_dir, *extra):
+    args = train.get_args_parser().parse_args(
+        ["--data-path", str(data_root), "--output-dir", str(output_dir), *FAST, *extra]
+    )
+    train.main(args)
+    return args
+
+
+def read_log(output_dir):
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("trained")
+    run_main(demo_root, output_dir, "--epochs", "2")
+    return output_dir
+
+
+def test_training_writes_checkpoints_loadable_with_weights_only(trained):
+    for name in ("model_0.pth", "model_1.pth", "checkpoint.pth"):
+        checkpoint = torch.load(trained / name, weights_only=True)
+        assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= checkpoint.keys()
+    assert torch.load(trained / "checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert not list(trained.glob(".*.tmp"))
+
+
+def test_training_logs_one_json_line_per_epoch(trained):
+    records = read_log(trained)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for record in records:
+        assert len(record["bbox"]) == len(record["segm"]) == 12
+        assert {"loss", "loss_mask", "loss_classifier"} <= record["train"].keys()
+        assert all(v == v and abs(v) < 1e6 for v in record["train"].values())
+    assert records[1]["train"]["loss"] < records[0]["train"]["loss"]
+
+
+def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path):
+    run_main(demo_root, tmp_path, "--test-only", "--resume", str(trained / "checkpoint.pth"))
+    result = json.loads((tmp_path / "eval.json").read_text())
+    last_epoch = read_log(trained)[-1]
+    assert result["epoch"] == 1
+    assert result["bbox"] == last_epoch["bbox"]
+    assert result["segm"] == last_epoch["segm"]
+
+
+def test_resume_continues_at_the_next_epoch(demo_root, trained, tmp_path):
+    shutil.copy(trained / "model_0.pth", tmp_path / "start.pth")
+    run_main(demo_root, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "start.pth"))
+    assert [r["epoch"] for r in read_log(tmp_path)] == [1]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
+
+
+def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
+    checkpoint = torch.load(trained / "model_0.pth", weights_only=True)
+    args = train.get_args_parser().parse_args(["--epochs", "2", "--lr", "0.01"])
+    model = train.get_model(args, checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    optimizer = train.get_optimizer(args, model)
+    scheduler = train.get_lr_scheduler(args, optimizer, checkpoint["iters_per_epoch"])
+    start = train.resume_training_state(
+        checkpoint, optimizer, scheduler, None, checkpoint["iters_per_epoch"]
+    )
+    assert start == 1
+    saved = checkpoint["optimizer"]["state"]
+    restored = optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys() and len(saved) > 0
+    for key in saved:
+        assert torch.equal(saved[key]["momentum_buffer"], restored[key]["momentum_buffer"])
+    assert scheduler.state_dict()["last_epoch"] == checkpoint["lr_scheduler"]["last_epoch"]
+    assert optimizer.param_groups[0]["lr"] == checkpoint["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
+    run_main(demo_root, tmp_path, "--epochs", "1", "--amp")
+    (record,) = read_log(tmp_path)
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["train"].values())
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["amp"] is True
+
+
+def test_non_finite_loss_stops_and_keeps_earlier_checkpoint(demo_root, tmp_path, monkeypatch):
+    build = train.get_model
+
+    def model_with_nan_after_first_epoch(args, num_classes):
+        model = build(args, num_classes)
+        forward = model.forward
+        calls = []
+
+        def poisoned_forward(images, targets=None):
+            output = forward(images, targets)
+            if model.training:
+                calls.append(1)
+                if len(calls) > 2:  # two iterations per epoch
+                    return {k: v * float("nan") for k, v in output.items()}
+            return output
+
+        model.forward = poisoned_forward
+        return model
+
+    monkeypatch.setattr(train, "get_model", model_with_nan_after_first_epoch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(demo_root, tmp_path, "--epochs", "3")
+    message = str(exit_info.value.code)
+    assert "non-finite loss at epoch 1, iteration 0" in message and "loss_mask=nan" in message
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
+
+
+def test_fine_tuning_from_a_checkpoint_with_other_class_count(demo_root, trained, tmp_path, capsys):
+    run_main(
+        demo_root,
+        tmp_path,
+        "--epochs", "1", "--num-classes", "5", "--weights", str(trained / "checkpoint.pth"),
+    )  # fmt: skip
+    assert (
+        "re-initialised (class count differs): roi_heads.box_predictor" in capsys.readouterr().out
+    )
+    model = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    assert model["roi_heads.box_predictor.cls_score.weight"].shape[0] == 5
+
+
+def run_cli(*argv):
+    return subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--data-path", "/nonexistent/coco"], "/nonexistent/coco/annotations"),
+        (["--use-copypaste"], "--use-copypaste works only with --data-augmentation lsj"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_bad_input_gives_one_line_error(argv, expected):
+    result = run_cli("--device", "cpu", *argv)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

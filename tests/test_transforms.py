@@ -1,0 +1,88 @@
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+
+from presets import DATA_AUGMENTATIONS, DetectionPresetEval, DetectionPresetTrain
+from transforms import copy_paste_collate_fn, paste_objects
+
+
+def make_sample(height=48, width=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(3, height, width, dtype=torch.uint8)
+    masks[0, 5:20, 4:30] = 1
+    masks[1, 25:40, 35:60] = 1
+    masks[2, 10:30, 40:50] = 1
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8, generator=generator)
+    boxes = masks_to_boxes(masks)
+    boxes[:, 2:] += 1
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+        "masks": tv_tensors.Mask(masks),
+        "labels": torch.tensor([1, 2, 1]),
+        "image_id": 7,
+    }
+    return tv_tensors.Image(image), target
+
+
+def assert_boxes_enclose_masks(target, tolerance=1.0):
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        if not mask.any():
+            continue
+        tight = masks_to_boxes(mask[None])[0]
+        tight[2:] += 1
+        assert torch.allclose(box, tight, atol=tolerance), (box, tight)
+
+
+@pytest.mark.parametrize("name", DATA_AUGMENTATIONS)
+def test_recipes_keep_image_boxes_and_masks_together(name):
+    torch.manual_seed(0)
+    preset = DetectionPresetTrain(name, min_size=48, max_size=80)
+    for _ in range(5):
+        image, target = preset(*make_sample())
+        assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+        assert target["masks"].shape[-2:] == image.shape[-2:]
+        assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+        assert target["image_id"] == 7
+        # Resizing moves box corners by at most a pixel against the resampled masks.
+        assert_boxes_enclose_masks(target, tolerance=2.0 if name != "hflip" else 0.0)
+
+
+def test_horizontal_flip_mirrors_boxes_and_masks():
+    image, target = make_sample()
+    flipped_image, flipped = DetectionPresetTrain("hflip", hflip_prob=1.0)(image, target)
+    assert torch.equal(flipped["masks"], target["masks"].flip(-1))
+    assert torch.allclose(flipped_image, image.flip(-1).float() / 255)
+    assert flipped["boxes"][0].tolist() == [64 - 30, 5, 64 - 4, 20]
+
+
+def test_eval_preset_changes_only_the_dtype():
+    image, target = make_sample()
+    out_image, out_target = DetectionPresetEval()(image, target)
+    assert torch.allclose(out_image * 255, image.float())
+    assert torch.equal(out_target["boxes"], target["boxes"].as_subclass(torch.Tensor))
+
+
+def test_paste_objects_occludes_and_recomputes_boxes():
+    torch.manual_seed(0)
+    image, target = make_sample(seed=0)
+    source_image, source_target = make_sample(seed=1)
+    source_target["masks"] = source_target["masks"].roll(shifts=8, dims=-1)
+    source_target["labels"] = torch.tensor([5, 6, 7])
+    new_image, new_target = paste_objects(image, target, source_image, source_target)
+
+    pasted = new_target["labels"] >= 5
+    assert pasted.any()
+    region = new_target["masks"][pasted].bool().any(0)
+    assert torch.equal(new_image[:, region], source_image[:, region])
+    assert torch.equal(new_image[:, ~region], image[:, ~region])
+    kept = new_target["masks"][~pasted].bool()
+    assert not (kept & region).any()
+    assert_boxes_enclose_masks(new_target, tolerance=0.0)
+
+
+def test_copy_paste_collate_returns_batch_of_same_length():
+    batch = [make_sample(seed=i) for i in range(3)]
+    images, targets = copy_paste_collate_fn(batch)
+    assert len(images) == len(targets) == 3
+    assert all(t["masks"].shape[0] == len(t["labels"]) for t in targets)

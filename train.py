@@ -1,0 +1,520 @@
+r"""Trains and evaluates torchvision detection models (Mask R-CNN by default) on COCO-format data.
+
+One device:
+    python train.py --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
+        --lr 0.001 --batch-size 4
+Mixed precision: add --amp (float16 with gradient scaling on CUDA, bfloat16 on CPU).
+
+Eight GPUs on one node (torchrun works the same way):
+    python -m torch.distributed.launch --nproc_per_node=8 --use_env train.py \
+        --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
+        --wd 0.000001 --lr 0.001 --batch-size 4
+
+Evaluate a checkpoint:
+    python train.py --data-path ./datasets/coco --test-only --resume output/checkpoint.pth
+
+The learning rate 0.02 is for 8 GPUs x 2 images; scale it linearly with the total batch size.
+"""
+
+import argparse
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+
+import presets
+import utils
+from coco_eval import CocoEvaluator
+from coco_utils import get_coco, split_paths
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
+from transforms import copy_paste_collate_fn
+
+# Layers that depend on the number of classes; fine-tuning re-initialises them.
+CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data-path", default="./datasets/coco", help="dataset root (COCO 2017 layout)"
+    )
+    data.add_argument("--dataset", default="coco", choices=["coco"], help="dataset format")
+    for split in ("train", "val"):
+        data.add_argument(
+            f"--{split}-ann",
+            help=f"{split} annotation file (default: COCO 2017's under --data-path)",
+        )
+        data.add_argument(
+            f"--{split}-images",
+            help=f"folder of the {split} file_names (default: <data-path>/{split}2017)",
+        )
+    data.add_argument("-j", "--workers", default=4, type=int, help="data loading processes")
+    data.add_argument(
+        "--data-augmentation",
+        default="hflip",
+        choices=presets.DATA_AUGMENTATIONS,
+        help="training augmentation recipe",
+    )
+    data.add_argument(
+        "--use-copypaste", action="store_true", help="paste objects between images (needs lsj)"
+    )
+    data.add_argument(
+        "--aspect-ratio-group-factor",
+        default=3,
+        type=int,
+        help="batch images of similar aspect ratio, in 2k+2 groups; negative turns grouping off",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="maskrcnn_resnet50_fpn", help="torchvision model name")
+    model.add_argument(
+        "--weights", help="torchvision weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a file"
+    )
+    model.add_argument("--weights-backbone", help="torchvision backbone weights name")
+    model.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes including background (default: largest category id + 1; 91 for COCO)",
+    )
+    model.add_argument("--trainable-backbone-layers", type=int, help="0-5; with pretrained weights")
+    model.add_argument("--min-size", type=int, help="shorter image side fed to the model (800)")
+    model.add_argument("--max-size", type=int, help="longer image side limit (1333)")
+    model.add_argument(
+        "--box-detections-per-img", default=100, type=int, help="detections kept per image"
+    )
+    model.add_argument("--rpn-score-thresh", type=float, help="RPN proposal score threshold")
+    model.add_argument(
+        "--rpn-post-nms-top-n-train", type=int, help="RPN proposals kept in training (2000)"
+    )
+    model.add_argument(
+        "--rpn-post-nms-top-n-test", type=int, help="RPN proposals kept at inference (1000)"
+    )
+    model.add_argument(
+        "--box-batch-size-per-image", type=int, help="RoIs sampled per training image (512)"
+    )
+    model.add_argument(
+        "--anchor-sizes",
+        type=int,
+        nargs="+",
+        help="RPN anchor size per FPN level, e.g. 8 16 32 64 128 for small objects",
+    )
+    model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm under DDP")
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per device")
+    optim.add_argument("--epochs", default=26, type=int, help="epochs to train")
+    optim.add_argument("--opt", default="sgd", choices=["sgd", "adamw"], help="optimizer")
+    optim.add_argument("--lr", default=0.02, type=float, help="0.02 for 8 GPUs x 2 images")
+    optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
+    optim.add_argument(
+        "--wd", "--weight-decay", default=1e-4, type=float, dest="weight_decay", help="weight decay"
+    )
+    optim.add_argument(
+        "--norm-weight-decay", type=float, help="weight decay of normalization layers"
+    )
+    optim.add_argument(
+        "--lr-scheduler",
+        default="multisteplr",
+        choices=["multisteplr", "cosineannealinglr"],
+        help="schedule after the first epoch's linear warmup",
+    )
+    optim.add_argument(
+        "--lr-steps", default=[16, 22], nargs="+", type=int, help="epochs where lr drops"
+    )
+    optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each step")
+    optim.add_argument(
+        "--clip-grad-norm", type=float, help="clip the gradient norm (helps from-scratch runs)"
+    )
+    optim.add_argument("--amp", action="store_true", help="mixed precision training")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", help="cuda when available, else cpu")
+    runtime.add_argument("--output-dir", default=".", help="checkpoints and log.jsonl go here")
+    runtime.add_argument("--resume", help="checkpoint to continue from")
+    runtime.add_argument(
+        "--start-epoch", default=0, type=int, help="first epoch (without --resume)"
+    )
+    runtime.add_argument("--print-freq", default=20, type=int, help="iterations between log lines")
+    runtime.add_argument("--test-only", action="store_true", help="only evaluate")
+    runtime.add_argument("--seed", type=int, help="seed for weights, sampling and augmentation")
+    runtime.add_argument(
+        "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
+    )
+
+    distributed = parser.add_argument_group("distributed")
+    distributed.add_argument("--dist-url", default="env://", help="process group init method")
+    distributed.add_argument("--dist-backend", help="nccl on CUDA, gloo on CPU by default")
+    distributed.add_argument(
+        "--dist-timeout", default=1800, type=int, help="seconds before a stalled collective fails"
+    )
+    distributed.add_argument("--world-size", default=1, type=int, help="number of processes")
+    distributed.add_argument(
+        "--local-rank",
+        "--local_rank",
+        dest="local_rank",
+        type=int,
+        help="set by torch.distributed.launch without --use_env",
+    )
+    return parser
+
+
+def check_args(args):
+    """Rejects impossible combinations before anything is loaded."""
+    problems = []
+    if args.use_copypaste and args.data_augmentation != "lsj":
+        problems.append("--use-copypaste works only with --data-augmentation lsj")
+    for flag in ("batch_size", "epochs", "print_freq", "box_detections_per_img"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        problems.append("--lr must be positive")
+    if args.workers < 0:
+        problems.append("--workers must not be negative")
+    if args.num_classes is not None and args.num_classes < 2:
+        problems.append("--num-classes must be at least 2 (background and one class)")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def get_dataset(args, split):
+    image_dir, ann_file = split_paths(args, split)
+    for path in (ann_file, image_dir):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path}: no such file or folder ({split} split)")
+    if split == "train":
+        transforms = presets.DetectionPresetTrain(
+            args.data_augmentation, min_size=args.min_size or 800, max_size=args.max_size or 1333
+        )
+    else:
+        transforms = presets.DetectionPresetEval()
+    try:
+        return get_coco(args, split, transforms)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {ann_file}: not valid JSON ({e})") from None
+
+
+def model_kwargs(args):
+    """Keyword arguments for the torchvision builder; unset options keep torchvision's defaults."""
+    kwargs = {"min_size": args.min_size, "max_size": args.max_size}
+    if args.trainable_backbone_layers is not None:
+        kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    if "rcnn" in args.model:
+        kwargs.update(
+            box_detections_per_img=args.box_detections_per_img,
+            rpn_score_thresh=args.rpn_score_thresh,
+            rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
+            box_batch_size_per_image=args.box_batch_size_per_image,
+        )
+        if args.anchor_sizes:
+            kwargs["rpn_anchor_generator"] = AnchorGenerator(
+                sizes=tuple((s,) for s in args.anchor_sizes),
+                aspect_ratios=((0.5, 1.0, 2.0),) * len(args.anchor_sizes),
+            )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def get_model(args, num_classes):
+    """Builds `args.model`; `--weights` may name torchvision weights or a local file."""
+    kwargs = model_kwargs(args)
+    if args.weights and not os.path.isfile(args.weights):
+        try:
+            weights = torchvision.models.get_weight(args.weights)
+        except (ValueError, KeyError):
+            raise SystemExit(
+                f"error: --weights {args.weights}: neither a file nor a torchvision weights name"
+            ) from None
+        model = torchvision.models.get_model(args.model, weights=weights, **kwargs)
+        if len(weights.meta["categories"]) != num_classes:
+            replace_predictors(model, num_classes)
+        return model
+    model = torchvision.models.get_model(
+        args.model,
+        weights=None,
+        weights_backbone=args.weights_backbone,
+        num_classes=num_classes,
+        **kwargs,
+    )
+    if args.weights:
+        load_fitting_weights(model, args.weights)
+    return model
+
+
+def replace_predictors(model, num_classes):
+    """Fresh class-dependent layers of an R-CNN model, for fine-tuning to another class count."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is None:
+        raise SystemExit("error: fine-tuning to another number of classes needs an R-CNN model")
+    box = heads.box_predictor
+    heads.box_predictor = FastRCNNPredictor(box.cls_score.in_features, num_classes)
+    replaced = ["roi_heads.box_predictor"]
+    if heads.has_mask():
+        conv = heads.mask_predictor.conv5_mask
+        heads.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
+        replaced.append("roi_heads.mask_predictor")
+    utils.print_main(f"re-initialised for {num_classes} classes: {', '.join(replaced)}")
+
+
+def freeze_batch_norm(module):
+    """Swaps BatchNorm2d layers for FrozenBatchNorm2d, as torchvision builds pretrained models."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
+        else:
+            freeze_batch_norm(child)
+
+
+def load_fitting_weights(model, path):
+    """Loads a state dict or checkpoint file, re-initialising class-dependent layers that differ.
+
+    Any other difference is an error naming the tensor.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    if not any(k.endswith("num_batches_tracked") for k in state):
+        freeze_batch_norm(model)  # saved from a model with frozen BatchNorm (pretrained)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise SystemExit(
+            f"error: {path}: does not fit {type(model).__name__}: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    reinitialised = []
+    for key, value in state.items():
+        if value.shape == own[key].shape:
+            continue
+        if not key.startswith(CLASS_DEPENDENT_PREFIXES):
+            raise SystemExit(
+                f"error: {path}: tensor {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+        reinitialised.append(key)
+    model.load_state_dict({k: v for k, v in state.items() if k not in reinitialised}, strict=False)
+    if reinitialised:
+        utils.print_main(f"re-initialised (class count differs): {', '.join(reinitialised)}")
+
+
+def get_optimizer(args, model):
+    norm_params, other_params = [], []
+    for module in model.modules():
+        is_norm = isinstance(module, torch.nn.modules.batchnorm._NormBase | torch.nn.GroupNorm)
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                (norm_params if is_norm else other_params).append(param)
+    groups = [{"params": other_params}]
+    if norm_params:
+        norm_wd = args.weight_decay if args.norm_weight_decay is None else args.norm_weight_decay
+        groups.append({"params": norm_params, "weight_decay": norm_wd})
+    if args.opt == "sgd":
+        return torch.optim.SGD(
+            groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def get_lr_scheduler(args, optimizer, iters_per_epoch):
+    """A per-iteration schedule: linear warmup over (at most) the first epoch, then the main one.
+
+    Stepping per iteration keeps multi-step drops exactly at epoch boundaries and lets cosine
+    annealing decay smoothly on short schedules.
+    """
+    warmup_iters = max(1, min(1000, iters_per_epoch - 1))
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=0.001, total_iters=warmup_iters
+    )
+    if args.lr_scheduler == "multisteplr":
+        milestones = [max(step * iters_per_epoch - warmup_iters, 0) for step in args.lr_steps]
+        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=args.lr_gamma)
+    else:
+        total = max(args.epochs * iters_per_epoch - warmup_iters, 1)
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [warmup, main], milestones=[warmup_iters]
+    )
+
+
+def get_data_loaders(args, dataset, dataset_val):
+    """Grouped, sharded training batches; one image per evaluation batch, sharded in order.
+
+    Evaluation takes single images so that results do not depend on how images are batched
+    (padding), which keeps distributed and single-process evaluation identical.
+    """
+    loader_options = {"num_workers": args.workers, "pin_memory": args.device.startswith("cuda")}
+    val_sampler = (
+        torch.utils.data.DistributedSampler(dataset_val, shuffle=False)
+        if args.distributed
+        else torch.utils.data.SequentialSampler(dataset_val)
+    )
+    data_loader_val = torch.utils.data.DataLoader(
+        dataset_val,
+        batch_size=1,
+        sampler=val_sampler,
+        collate_fn=utils.collate_fn,
+        **loader_options,
+    )
+    if dataset is None:
+        return None, data_loader_val
+    group_ids = aspect_ratio_group_ids(dataset.aspect_ratios(), args.aspect_ratio_group_factor)
+    batch_sampler = GroupedBatchSampler(
+        group_ids,
+        args.batch_size,
+        num_replicas=args.world_size,
+        rank=args.rank,
+        seed=args.seed or 0,
+    )
+    data_loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=copy_paste_collate_fn if args.use_copypaste else utils.collate_fn,
+        **loader_options,
+    )
+    return data_loader, data_loader_val
+
+
+def default_num_classes(dataset):
+    return max(dataset.category_names(), default=0) + 1
+
+
+def iou_types_of(model):
+    heads = getattr(model, "roi_heads", None)
+    return ["bbox", "segm"] if heads is not None and heads.has_mask() else ["bbox"]
+
+
+def make_evaluator(args, model, dataset_val):
+    max_dets = (1, 10, max(100, args.box_detections_per_img))
+    return CocoEvaluator(dataset_val.coco, iou_types_of(model), max_dets=max_dets)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --resume {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --resume {path}: not a loadable checkpoint ({e})") from None
+
+
+def resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, iters_per_epoch):
+    """Restores optimizer, scheduler and scaler; returns the epoch to continue at."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    start_epoch = checkpoint["epoch"] + 1
+    if checkpoint.get("iters_per_epoch") == iters_per_epoch:
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    else:
+        # Another world size or batch size: replay the schedule up to the resumed epoch.
+        utils.print_main(
+            f"iterations per epoch changed ({checkpoint.get('iters_per_epoch')} -> "
+            f"{iters_per_epoch}): learning-rate schedule replayed to epoch {start_epoch}"
+        )
+        for _ in range(start_epoch * iters_per_epoch):
+            lr_scheduler.step()
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    return start_epoch
+
+
+def main(args):
+    check_args(args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.device == "cpu":
+            print("no CUDA device found: training on the CPU")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    utils.init_distributed_mode(args)
+    utils.print_main(f"git revision: {utils.git_revision()}")
+    utils.print_main(args)
+    if args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if args.seed is not None:
+        seed_everything(args.seed + args.rank)
+    device = torch.device(args.device)
+
+    dataset = None if args.test_only else get_dataset(args, "train")
+    dataset_val = get_dataset(args, "val")
+    num_classes = args.num_classes or default_num_classes(dataset or dataset_val)
+    data_loader, data_loader_val = get_data_loaders(args, dataset, dataset_val)
+
+    model = get_model(args, num_classes)
+    model.to(device)
+    if args.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    if args.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        model_without_ddp.load_state_dict(checkpoint["model"])
+
+    if args.test_only:
+        evaluator = make_evaluator(args, model_without_ddp, dataset_val)
+        stats = evaluate(model, data_loader_val, device, evaluator, args.amp)
+        record = {"checkpoint": args.resume, "weights": args.weights, **stats}
+        if checkpoint is not None:
+            record["epoch"] = checkpoint["epoch"]
+        utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
+        return
+
+    optimizer = get_optimizer(args, model_without_ddp)
+    lr_scheduler = get_lr_scheduler(args, optimizer, len(data_loader))
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    start_epoch = args.start_epoch
+    if checkpoint is not None:
+        start_epoch = resume_training_state(
+            checkpoint, optimizer, lr_scheduler, scaler, len(data_loader)
+        )
+
+    category_names = dataset.category_names()
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.batch_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            train_stats = train_one_epoch(
+                model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler
+            )
+        except NonFiniteLossError as e:
+            raise SystemExit(f"error: {e}; earlier checkpoints are intact") from None
+        checkpoint = {
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "epoch": epoch,
+            "args": vars(args),
+            "iters_per_epoch": len(data_loader),
+            "num_classes": num_classes,
+            "category_names": category_names,
+        }
+        if scaler is not None:
+            checkpoint["scaler"] = scaler.state_dict()
+        utils.save_on_master(checkpoint, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+        utils.save_on_master(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
+
+        evaluator = make_evaluator(args, model_without_ddp, dataset_val)
+        eval_stats = evaluate(model, data_loader_val, device, evaluator, args.amp)
+        record = {"epoch": epoch, "lr": lr, "train": train_stats, **eval_stats}
+        utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

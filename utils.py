@@ -1,0 +1,255 @@
+"""Logging, distributed and checkpoint helpers. Imports only torch and the standard library."""
+
+import datetime
+import json
+import os
+import subprocess
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+
+class SmoothedValue:
+    """Tracks a series of values: a windowed median/average for display and a global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.window = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sums count and total over ranks, so that global_avg is the average over all ranks."""
+        if not is_dist_avail_and_initialized():
+            return
+        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=_dist_device())
+        dist.all_reduce(totals)
+        self.count = int(totals[0].item())
+        self.total = totals[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.window)).median().item()
+
+    @property
+    def avg(self):
+        return sum(self.window) / len(self.window)
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.window)
+
+    @property
+    def value(self):
+        return self.window[-1]
+
+    def __str__(self):
+        return self.fmt.format(
+            median=self.median,
+            avg=self.avg,
+            global_avg=self.global_avg,
+            max=self.max,
+            value=self.value,
+        )
+
+
+class MetricLogger:
+    """Prints one line every `print_freq` iterations: progress, ETA, meters, timing and memory."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values):
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(value)
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def global_averages(self):
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yields the items of `iterable`, timing each step and the wait for its data."""
+        start = time.time()
+        end = start
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        total = len(iterable)
+        width = len(str(total))
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [
+                    header,
+                    f"[{i:>{width}}/{total}]",
+                    f"eta: {eta}",
+                    str(self),
+                    f"time: {iter_time}",
+                    f"data: {data_time}",
+                ]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
+                print_main(self.delimiter.join(parts), flush=True)
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start))
+        print_main(
+            f"{header} total time: {total_time} ({(time.time() - start) / total:.4f} s / it)"
+        )
+
+
+def collate_fn(batch):
+    return tuple(zip(*batch, strict=True))
+
+
+# Distributed
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def print_main(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def _dist_device():
+    """The device collectives run on: nccl needs CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def launcher_environment(local_rank_arg=None):
+    """Rank, world size and local rank from torchrun/torch.distributed.launch or SLURM, or None.
+
+    Returns None for a plain `python train.py` (no launcher), and also under a SLURM allocation
+    with a single task, so that an interactive job on a SLURM node still runs undistributed.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local_rank = int(env.get("LOCAL_RANK", local_rank_arg or 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+    return None
+
+
+def init_distributed_mode(args):
+    """Joins the process group described by the launcher's environment; sets args.distributed."""
+    launched = launcher_environment(args.local_rank)
+    if launched is None:
+        args.distributed, args.rank, args.world_size = False, 0, 1
+        return
+    args.rank, args.world_size, args.gpu = launched
+    args.distributed = True
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = args.dist_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(
+        backend=backend,
+        init_method=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=datetime.timedelta(seconds=args.dist_timeout),
+    )
+    print_main(f"distributed: {args.world_size} processes, backend {backend}, {args.dist_url}")
+    dist.barrier()
+
+
+def reduce_dict(values):
+    """Averages a dict of scalar tensors over all ranks (every rank gets the result)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return values
+    names = sorted(values)
+    stacked = torch.stack([values[name].detach().float() for name in names]).to(_dist_device())
+    dist.all_reduce(stacked)
+    stacked /= world_size
+    return {name: value for name, value in zip(names, stacked, strict=True)}
+
+
+# Checkpoints and logs
+
+
+def save_on_master(obj, path):
+    """Writes `obj` with torch.save atomically: a crash leaves the old file or the new one."""
+    if not is_main_process():
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    with open(tmp_path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+    # The rename itself is only durable once the directory entry is on disk.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json_on_master(path, record):
+    if is_main_process():
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def append_jsonl(path, record):
+    if is_main_process():
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def git_revision():
+    """The checked-out commit, so that a log says which code produced it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return result.stdout.strip() or "unknown"
