@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 
 import numpy as np
@@ -41,35 +42,124 @@ def scale_high_bit_depth(array):
     return torch.from_numpy(scaled)[None]
 
 
+def segmentation_to_rle(segmentation, height, width):
+    """A polygon list, compressed RLE or uncompressed RLE as one compressed RLE; None if empty.
+
+    Polygons with fewer than three points are left out: annotation tools export them, and
+    pycocotools would read a 4-number one as a box.
+    """
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return None
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if not segmentation:
+        return None
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
 def segmentation_to_mask(segmentation, height, width):
     """Decodes a polygon list, compressed RLE or uncompressed RLE into an [H,W] uint8 array."""
-    if not segmentation:
+    rle = segmentation_to_rle(segmentation, height, width)
+    if rle is None:
         return np.zeros((height, width), dtype=np.uint8)
-    if isinstance(segmentation, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation["counts"], list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
     return mask_utils.decode(rle)
 
 
-def annotations_to_target(annotations, image_id, height, width):
+def label_offset_of(category_ids):
+    """What model labels add to category ids: 0, unless an id is below 1.
+
+    The model reserves label 0 for background, so a category with id 0 (an export's
+    `_background_` or a 0-based tool) shifts every category up by one. Otherwise labels are the
+    category ids, gaps included (COCO's 80 categories keep ids up to 90: 91 classes).
+    """
+    return max(0, 1 - min(category_ids, default=1))
+
+
+def complete_dataset(dataset, image_dir):
+    """Fills in what some annotation tools leave out and COCOeval needs; returns a new dict.
+
+    Images get a missing width and height from the file's header; annotations a missing id,
+    iscrowd (0), and bbox and area computed from the segmentation. Existing values stay as they
+    are: the training target takes its boxes from the masks anyway (see annotations_to_target).
+    Annotations with neither a shape nor a box of positive size (a click exported as a
+    one-point polygon) are left out: no model can find them.
+    """
+    images = [dict(image) for image in dataset.get("images", [])]
+    for image in images:
+        if "width" not in image or "height" not in image:
+            with Image.open(image_path(image_dir, image["file_name"])) as opened:
+                image["width"], image["height"] = opened.size
+    sizes = {image["id"]: (image["height"], image["width"]) for image in images}
+    annotations = []
+    next_id = 1 + max((a.get("id", 0) for a in dataset.get("annotations", [])), default=0)
+    for annotation in dataset.get("annotations", []):
+        if not has_shape(annotation.get("segmentation")) and not has_box(annotation):
+            continue
+        annotation = dict(annotation)
+        if "id" not in annotation:
+            annotation["id"], next_id = next_id, next_id + 1
+        annotation.setdefault("iscrowd", 0)
+        if ("bbox" not in annotation or "area" not in annotation) and (
+            annotation["image_id"] in sizes
+        ):
+            fill_bbox_and_area(annotation, *sizes[annotation["image_id"]])
+        annotations.append(annotation)
+    return {**dataset, "images": images, "annotations": annotations}
+
+
+def has_shape(segmentation):
+    if isinstance(segmentation, list):
+        return any(len(polygon) >= 6 for polygon in segmentation)
+    return bool(segmentation) and bool(segmentation.get("counts"))
+
+
+def has_box(annotation):
+    return "bbox" in annotation and annotation["bbox"][2] > 0 and annotation["bbox"][3] > 0
+
+
+def fill_bbox_and_area(annotation, height, width):
+    rle = segmentation_to_rle(annotation.get("segmentation"), height, width)
+    if "bbox" not in annotation:
+        annotation["bbox"] = [0.0] * 4 if rle is None else mask_utils.toBbox(rle).tolist()
+    if "area" not in annotation:
+        w, h = annotation["bbox"][2:]
+        annotation["area"] = float(w * h if rle is None else mask_utils.area(rle))
+
+
+def mask_boxes(masks, annotations):
+    """XYXY boxes around each [H,W] mask (to the pixel after the last); an empty mask keeps its
+    annotation's bbox, so box-only annotations still train a detector."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for i, (mask, annotation) in enumerate(zip(masks, annotations, strict=True)):
+        rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if rows.size:
+            boxes[i] = columns[0], rows[0], columns[-1] + 1, rows[-1] + 1
+        elif "bbox" in annotation:
+            x, y, w, h = annotation["bbox"]
+            boxes[i] = x, y, x + w, y + h
+    return torch.from_numpy(boxes)
+
+
+def annotations_to_target(annotations, image_id, height, width, label_offset=0):
     """Builds the training target of one image from its non-crowd annotations.
 
     Crowd regions are left out: the model should neither learn them as objects nor as
-    background, and the evaluator reads them from the annotation file itself.
+    background, and the evaluator reads them from the annotation file itself. Boxes come from
+    the masks, because exported boxes may be missing or disagree with the segmentation.
     """
     kept = [a for a in annotations if not a.get("iscrowd", 0)]
-    boxes = torch.tensor([a["bbox"] for a in kept], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
     masks = np.zeros((len(kept), height, width), dtype=np.uint8)
     for i, annotation in enumerate(kept):
-        masks[i] = segmentation_to_mask(annotation["segmentation"], height, width)
+        masks[i] = segmentation_to_mask(annotation.get("segmentation"), height, width)
+    boxes = mask_boxes(masks, kept)
+    labels = [a["category_id"] + label_offset for a in kept]
     return {
         "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
         "masks": tv_tensors.Mask(torch.from_numpy(masks)),
-        "labels": torch.tensor([a["category_id"] for a in kept], dtype=torch.int64),
+        "labels": torch.tensor(labels, dtype=torch.int64),
         "image_id": image_id,
     }
 
@@ -82,12 +172,30 @@ def has_usable_annotation(annotations):
 
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Images of a COCO annotation file with their targets, for detection and instance masks."""
+    """Images of a COCO annotation file with their targets, for detection and instance masks.
 
-    def __init__(self, image_dir, ann_file, transforms=None, drop_images_without_objects=False):
+    Model labels are category ids plus `label_offset` (by default the file's own, see
+    label_offset_of()); pass the training set's to a validation set whose categories differ.
+    """
+
+    def __init__(
+        self,
+        image_dir,
+        ann_file,
+        transforms=None,
+        drop_images_without_objects=False,
+        label_offset=None,
+    ):
         self.image_dir = image_dir
+        with open(ann_file) as f:
+            dataset = complete_dataset(json.load(f), image_dir)
+        self.coco = COCO()
+        self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timings
-            self.coco = COCO(ann_file)
+            self.coco.createIndex()
+        if label_offset is None:
+            label_offset = label_offset_of(self.category_names())
+        self.label_offset = label_offset
         self.transforms = transforms
         ids = sorted(self.coco.imgs)
         if drop_images_without_objects:
@@ -99,10 +207,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
-        image = load_image(os.path.join(self.image_dir, info["file_name"]))
+        image = load_image(image_path(self.image_dir, self.coco.imgs[image_id]["file_name"]))
         height, width = image.shape[-2:]
-        target = annotations_to_target(self.coco.imgToAnns[image_id], image_id, height, width)
+        target = annotations_to_target(
+            self.coco.imgToAnns[image_id], image_id, height, width, self.label_offset
+        )
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -112,7 +221,15 @@ class CocoDetection(torch.utils.data.Dataset):
         return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
 
     def category_names(self):
-        return {c["id"]: c["name"] for c in self.coco.dataset.get("categories", [])}
+        """{category id: name} from the annotation file."""
+        return {
+            c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset.get("categories", [])
+        }
+
+
+def image_path(image_dir, file_name):
+    """A file_name under image_dir; sub-folders may be written with / or (Windows exports) \\."""
+    return os.path.join(image_dir, *file_name.replace("\\", "/").split("/"))
 
 
 def split_paths(args, split):
@@ -123,8 +240,19 @@ def split_paths(args, split):
     return image_dir, ann_path
 
 
-def get_coco(args, split, transforms):
+def get_coco(args, split, transforms, label_offset=None):
     image_dir, ann_file = split_paths(args, split)
     return CocoDetection(
-        image_dir, ann_file, transforms, drop_images_without_objects=(split == "train")
+        image_dir,
+        ann_file,
+        transforms,
+        drop_images_without_objects=(split == "train"),
+        label_offset=label_offset,
     )
+
+
+def label_to_category_id(label_offset, num_classes):
+    """{model label: category id} for the evaluator and predictions; None when they are equal."""
+    if label_offset == 0:
+        return None
+    return {label: label - label_offset for label in range(1, num_classes)}

@@ -5,10 +5,10 @@ One device:
         --lr 0.001 --batch-size 4
 Mixed precision: add --amp (float16 with gradient scaling on CUDA, bfloat16 on CPU).
 
-Eight GPUs on one node (torchrun works the same way):
-    python -m torch.distributed.launch --nproc_per_node=8 --use_env train.py \
-        --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
-        --wd 0.000001 --lr 0.001 --batch-size 4
+Eight GPUs on one node (`python -m torch.distributed.launch --use_env` works the same way):
+    torchrun --nproc_per_node=8 train.py --data-path ./datasets/coco --lr 0.02 --batch-size 2
+Two nodes: add --nnodes=2 --node_rank=0 (1 on the other) --master_addr=NODE0 --master_port=29500.
+SLURM, one task per GPU: srun python train.py ... (rank and master address from SLURM).
 
 Evaluate a checkpoint:
     python train.py --data-path ./datasets/coco --test-only --resume output/checkpoint.pth
@@ -26,19 +26,21 @@ import torch
 import torchvision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
 import presets
 import utils
 from coco_eval import CocoEvaluator
-from coco_utils import get_coco, split_paths
+from coco_utils import get_coco, label_to_category_id, split_paths
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
 from transforms import copy_paste_collate_fn
 
 # Layers that depend on the number of classes; fine-tuning re-initialises them.
 CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+# --dsb-score counts predicted masks from this score up, the default of predict.py's
+# --score-thresh, so the score describes the instances predict.py writes.
+DSB_SCORE_THRESH = 0.5
 
 
 def get_args_parser(add_help=True):
@@ -106,7 +108,8 @@ def get_args_parser(add_help=True):
         "--anchor-sizes",
         type=int,
         nargs="+",
-        help="RPN anchor size per FPN level, e.g. 8 16 32 64 128 for small objects",
+        help="RPN anchor size in pixels (of the resized image) for each of the 5 FPN levels "
+        "(default 32 64 128 256 512); 8 16 32 64 128 for objects under about 32 px",
     )
     model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm under DDP")
 
@@ -146,18 +149,35 @@ def get_args_parser(add_help=True):
     )
     runtime.add_argument("--print-freq", default=20, type=int, help="iterations between log lines")
     runtime.add_argument("--test-only", action="store_true", help="only evaluate")
+    runtime.add_argument(
+        "--dsb-score",
+        action="store_true",
+        help="mask models: also report the DSB2018 score of the masks predicted with score "
+        f">= {DSB_SCORE_THRESH}",
+    )
     runtime.add_argument("--seed", type=int, help="seed for weights, sampling and augmentation")
     runtime.add_argument(
         "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
     )
 
     distributed = parser.add_argument_group("distributed")
-    distributed.add_argument("--dist-url", default="env://", help="process group init method")
+    distributed.add_argument(
+        "--dist-url", default="env://", help="process group init method (env:// or tcp://HOST:PORT)"
+    )
     distributed.add_argument("--dist-backend", help="nccl on CUDA, gloo on CPU by default")
     distributed.add_argument(
-        "--dist-timeout", default=1800, type=int, help="seconds before a stalled collective fails"
+        "--dist-timeout",
+        default=1800,
+        type=int,
+        help="seconds a collective waits for the other ranks before the run fails (1800); "
+        "must exceed what rank 0 does alone, such as writing a checkpoint",
     )
-    distributed.add_argument("--world-size", default=1, type=int, help="number of processes")
+    distributed.add_argument(
+        "--world-size",
+        default=1,
+        type=int,
+        help="taken from the launcher (WORLD_SIZE or SLURM_NTASKS); kept for torchvision commands",
+    )
     distributed.add_argument(
         "--local-rank",
         "--local_rank",
@@ -182,6 +202,10 @@ def check_args(args):
         problems.append("--workers must not be negative")
     if args.num_classes is not None and args.num_classes < 2:
         problems.append("--num-classes must be at least 2 (background and one class)")
+    if args.anchor_sizes and (len(args.anchor_sizes) != 5 or min(args.anchor_sizes) < 1):
+        problems.append("--anchor-sizes takes 5 positive sizes, one per FPN level")
+    if args.dsb_score and "maskrcnn" not in args.model:
+        problems.append("--dsb-score needs a mask model (maskrcnn_*)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -192,7 +216,8 @@ def seed_everything(seed):
     np.random.seed(seed)
 
 
-def get_dataset(args, split):
+def get_dataset(args, split, label_offset=None):
+    """A split's CocoDetection; `label_offset` (see coco_utils) defaults to its own file's."""
     image_dir, ann_file = split_paths(args, split)
     for path in (ann_file, image_dir):
         if not os.path.exists(path):
@@ -204,7 +229,7 @@ def get_dataset(args, split):
     else:
         transforms = presets.DetectionPresetEval()
     try:
-        return get_coco(args, split, transforms)
+        return get_coco(args, split, transforms, label_offset)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {ann_file}: not valid JSON ({e})") from None
 
@@ -257,18 +282,27 @@ def get_model(args, num_classes):
 
 
 def replace_predictors(model, num_classes):
-    """Fresh class-dependent layers of an R-CNN model, for fine-tuning to another class count."""
+    """Fresh class-dependent layers of an R-CNN model, for fine-tuning to another class count.
+
+    The mask predictor keeps its class-independent upsampling layer (conv5_mask).
+    """
     heads = getattr(model, "roi_heads", None)
     if heads is None:
         raise SystemExit("error: fine-tuning to another number of classes needs an R-CNN model")
-    box = heads.box_predictor
-    heads.box_predictor = FastRCNNPredictor(box.cls_score.in_features, num_classes)
-    replaced = ["roi_heads.box_predictor"]
+    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
+    replaced = ["roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"]
     if heads.has_mask():
-        conv = heads.mask_predictor.conv5_mask
-        heads.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes)
-        replaced.append("roi_heads.mask_predictor")
-    utils.print_main(f"re-initialised for {num_classes} classes: {', '.join(replaced)}")
+        logits = torch.nn.Conv2d(heads.mask_predictor.conv5_mask.out_channels, num_classes, 1)
+        # MaskRCNNPredictor's initialisation.
+        torch.nn.init.kaiming_normal_(logits.weight, mode="fan_out", nonlinearity="relu")
+        torch.nn.init.zeros_(logits.bias)
+        heads.mask_predictor.mask_fcn_logits = logits
+        replaced.append("roi_heads.mask_predictor.mask_fcn_logits")
+    print_reinitialised(replaced)
+
+
+def print_reinitialised(layers):
+    utils.print_main(f"re-initialised (class count differs): {', '.join(layers)}")
 
 
 def freeze_batch_norm(module):
@@ -285,8 +319,13 @@ def load_fitting_weights(model, path):
 
     Any other difference is an error naming the tensor.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: --weights {path}: not a loadable checkpoint ({e})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"error: --weights {path}: holds no state dict (or 'model' entry)")
     if not any(k.endswith("num_batches_tracked") for k in state):
         freeze_batch_norm(model)  # saved from a model with frozen BatchNorm (pretrained)
     own = model.state_dict()
@@ -294,8 +333,9 @@ def load_fitting_weights(model, path):
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise SystemExit(
-            f"error: {path}: does not fit {type(model).__name__}: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"error: --weights {path}: not weights of this {type(model).__name__}: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
     reinitialised = []
     for key, value in state.items():
@@ -303,13 +343,13 @@ def load_fitting_weights(model, path):
             continue
         if not key.startswith(CLASS_DEPENDENT_PREFIXES):
             raise SystemExit(
-                f"error: {path}: tensor {key} has shape {tuple(value.shape)}, "
+                f"error: --weights {path}: tensor {key} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )
         reinitialised.append(key)
     model.load_state_dict({k: v for k, v in state.items() if k not in reinitialised}, strict=False)
     if reinitialised:
-        utils.print_main(f"re-initialised (class count differs): {', '.join(reinitialised)}")
+        print_reinitialised(list(dict.fromkeys(k.rsplit(".", 1)[0] for k in reinitialised)))
 
 
 def get_optimizer(args, model):
@@ -390,7 +430,28 @@ def get_data_loaders(args, dataset, dataset_val):
 
 
 def default_num_classes(dataset):
-    return max(dataset.category_names(), default=0) + 1
+    return max(dataset.category_names(), default=0) + dataset.label_offset + 1
+
+
+def describe_categories(dataset, num_classes):
+    """One line for the log: the categories by id and name, and how model labels map to them."""
+    names = dataset.category_names()
+    shown = ", ".join(f"{i} {name}" for i, name in sorted(names.items())[:20])
+    more = f", ... ({len(names)} in all)" if len(names) > 20 else ""
+    if dataset.label_offset == 0:
+        rule = "model label = category id"
+    else:
+        rule = f"model label = category id + {dataset.label_offset} (label 0 is background)"
+    return f"categories: {shown}{more}; {rule}; {num_classes} classes"
+
+
+def check_num_classes(num_classes, dataset):
+    largest = max(dataset.category_names(), default=0) + dataset.label_offset
+    if num_classes <= largest:
+        raise SystemExit(
+            f"error: --num-classes {num_classes} is too small: category label {largest} needs "
+            f"at least {largest + 1} (background included)"
+        )
 
 
 def iou_types_of(model):
@@ -398,9 +459,14 @@ def iou_types_of(model):
     return ["bbox", "segm"] if heads is not None and heads.has_mask() else ["bbox"]
 
 
-def make_evaluator(args, model, dataset_val):
+def make_evaluator(args, model, dataset_val, num_classes):
     max_dets = (1, 10, max(100, args.box_detections_per_img))
-    return CocoEvaluator(dataset_val.coco, iou_types_of(model), max_dets=max_dets)
+    return CocoEvaluator(
+        dataset_val.coco,
+        iou_types_of(model),
+        max_dets=max_dets,
+        label_to_category_id=label_to_category_id(dataset_val.label_offset, num_classes),
+    )
 
 
 def load_checkpoint(path):
@@ -433,13 +499,16 @@ def resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, iters_per
 
 def main(args):
     check_args(args)
+    cpu_fallback = args.device is None and not torch.cuda.is_available()
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if args.device == "cpu":
-            print("no CUDA device found: training on the CPU")
+        args.device = "cpu" if cpu_fallback else "cuda"
+    if args.sync_bn and not args.device.startswith("cuda"):
+        raise SystemExit("error: --sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
+    if cpu_fallback:
+        utils.print_main("no CUDA device found: training on the CPU")
     utils.print_main(f"git revision: {utils.git_revision()}")
     utils.print_main(args)
     if args.use_deterministic_algorithms:
@@ -449,9 +518,18 @@ def main(args):
         seed_everything(args.seed + args.rank)
     device = torch.device(args.device)
 
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    saved = checkpoint or {}
     dataset = None if args.test_only else get_dataset(args, "train")
-    dataset_val = get_dataset(args, "val")
-    num_classes = args.num_classes or default_num_classes(dataset or dataset_val)
+    # Model labels follow the training categories, or those the checkpoint was trained on.
+    label_offset = dataset.label_offset if dataset else saved.get("label_offset")
+    dataset_val = get_dataset(args, "val", label_offset)
+    num_classes = (
+        args.num_classes or saved.get("num_classes") or default_num_classes(dataset or dataset_val)
+    )
+    check_num_classes(num_classes, dataset or dataset_val)
+    dsb_thresh = DSB_SCORE_THRESH if args.dsb_score else None
+    utils.print_main(describe_categories(dataset or dataset_val, num_classes))
     data_loader, data_loader_val = get_data_loaders(args, dataset, dataset_val)
 
     model = get_model(args, num_classes)
@@ -463,17 +541,19 @@ def main(args):
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         model_without_ddp.load_state_dict(checkpoint["model"])
 
     if args.test_only:
-        evaluator = make_evaluator(args, model_without_ddp, dataset_val)
-        stats = evaluate(model, data_loader_val, device, evaluator, args.amp)
+        evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
+        stats = evaluate(
+            model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
+        )
         record = {"checkpoint": args.resume, "weights": args.weights, **stats}
         if checkpoint is not None:
             record["epoch"] = checkpoint["epoch"]
         utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
+        utils.destroy_distributed()
         return
 
     optimizer = get_optimizer(args, model_without_ddp)
@@ -504,16 +584,20 @@ def main(args):
             "iters_per_epoch": len(data_loader),
             "num_classes": num_classes,
             "category_names": category_names,
+            "label_offset": dataset.label_offset,
         }
         if scaler is not None:
             checkpoint["scaler"] = scaler.state_dict()
         utils.save_on_master(checkpoint, os.path.join(args.output_dir, f"model_{epoch}.pth"))
         utils.save_on_master(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
 
-        evaluator = make_evaluator(args, model_without_ddp, dataset_val)
-        eval_stats = evaluate(model, data_loader_val, device, evaluator, args.amp)
+        evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
+        eval_stats = evaluate(
+            model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
+        )
         record = {"epoch": epoch, "lr": lr, "train": train_stats, **eval_stats}
         utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+    utils.destroy_distributed()
 
 
 if __name__ == "__main__":

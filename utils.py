@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import re
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -172,18 +173,62 @@ def launcher_environment(local_rank_arg=None):
     return None
 
 
+def slurm_master_address(env):
+    """MASTER_ADDR and MASTER_PORT for tasks started by srun, the same on every task.
+
+    The environment's values win; otherwise the address is the first host of the step's (or
+    job's) node list, where task 0 runs, and the port is derived from the job id, so that two
+    jobs sharing a node do not collide.
+    """
+    address = env.get("MASTER_ADDR")
+    if not address:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise SystemExit("error: SLURM gives no node list: set MASTER_ADDR to task 0's host")
+        address = first_host(nodelist)
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return address, port
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list such as "gpu[03-05,09],cpu1" (gpu03).
+
+    Asks `scontrol show hostnames` where it is installed; otherwise expands the first name
+    itself, taking the first value of every bracketed range.
+    """
+    try:
+        result = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
+        )
+        if result.returncode == 0 and result.stdout.split():
+            return result.stdout.split()[0]
+    except OSError:
+        pass
+    name = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist).group(0)
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", name)
+
+
 def init_distributed_mode(args):
-    """Joins the process group described by the launcher's environment; sets args.distributed."""
+    """Joins the process group described by the launcher's environment; sets args.distributed.
+
+    Every collective (and the rendezvous) fails after `args.dist_timeout` seconds instead of
+    waiting forever for a rank that died or hangs; on nccl this relies on torch's default
+    TORCH_NCCL_ASYNC_ERROR_HANDLING, which tears the process down when a collective times out.
+    """
     launched = launcher_environment(args.local_rank)
     if launched is None:
         args.distributed, args.rank, args.world_size = False, 0, 1
         return
-    args.rank, args.world_size, args.gpu = launched
+    args.rank, args.world_size, local_rank = launched
     args.distributed = True
     if args.device.startswith("cuda"):
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
+        # Under srun with --gpus-per-task a task sees one device whatever its local rank.
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        args.device = f"cuda:{gpu}"
     backend = args.dist_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    if "RANK" not in os.environ:  # srun: torchrun would have set the rendezvous address
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = slurm_master_address(os.environ)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(
@@ -195,6 +240,12 @@ def init_distributed_mode(args):
     )
     print_main(f"distributed: {args.world_size} processes, backend {backend}, {args.dist_url}")
     dist.barrier()
+
+
+def destroy_distributed():
+    """Releases the process group at the end of a run (torch warns about one left open)."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
 
 
 def reduce_dict(values):
