@@ -107,16 +107,17 @@ def _plain_annotation(annotation):
 
 
 def load_results(backend, coco_gt, results):
-    """The backend's COCO object for a list of results in COCO results format."""
+    """The backend's COCO object for a list of results in COCO results format. Like
+    pycocotools' loadRes, it may write area, id and iscrowd into the results."""
     if not results:
         # pycocotools' loadRes fails on an empty list; an empty COCO means "no detections".
         return backend.COCO()
-    # loadRes writes area, id and (for boxes) a polygon into each result: give it copies.
-    return coco_gt.loadRes([dict(result) for result in results])
+    return coco_gt.loadRes(results)
 
 
 def run_cocoeval(backend, coco_gt, results, iou_type, max_dets=(1, 10, 100), img_ids=None):
-    """COCOeval evaluated and accumulated; img_ids=None evaluates every ground-truth image."""
+    """COCOeval evaluated and accumulated; img_ids=None evaluates every ground-truth image.
+    The results may come back with keys added (see load_results)."""
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval = backend.COCOeval(coco_gt, load_results(backend, coco_gt, results), iou_type)
         coco_eval.params.maxDets = list(max_dets)
@@ -410,7 +411,7 @@ def _dsb_image_score(gt, pred):
     union = gt.sum(1)[:, None] + pred.sum(1)[None, :] - intersection
     iou = intersection / np.maximum(union, 1)
     ratios = []
-    for threshold in np.arange(0.5, 1.0, 0.05):
+    for threshold in np.linspace(0.5, 0.95, 10):
         tp = _count_one_to_one_matches(iou, threshold)
         ratios.append(tp / (len(gt) + len(pred) - tp))
     return float(np.mean(ratios))
@@ -440,7 +441,11 @@ def get_args_parser():
         "in --iou-types order",
     )
     parser.add_argument(
-        "--iou-types", nargs="+", choices=IOU_TYPES, default=["bbox"], help="what to evaluate"
+        "--iou-types",
+        nargs="+",
+        choices=IOU_TYPES,
+        default=["bbox"],
+        help="what to evaluate (default: bbox)",
     )
     parser.add_argument(
         "--max-dets",

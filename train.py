@@ -232,6 +232,8 @@ def get_dataset(args, split, label_offset=None):
         return get_coco(args, split, transforms, label_offset)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {ann_file}: not valid JSON ({e})") from None
+    except OSError as e:  # an image whose size the file leaves out, read from its header
+        raise SystemExit(f"error: {ann_file}: {e}") from None
 
 
 def model_kwargs(args):

@@ -331,6 +331,19 @@ def test_fine_tuning_on_the_export_logs_categories_and_dsb_score(fine_tuned):
     assert checkpoint["args"]["anchor_sizes"] == [8, 16, 32, 64, 128]
 
 
+def test_test_only_writes_the_dsb_score_to_eval_json(export, fine_tuned, tmp_path):
+    output_dir, _ = fine_tuned
+    images, ann_file = export
+    argv = ["--val-ann", ann_file, "--val-images", images, "--output-dir", tmp_path, *FAST]
+    argv += ["--test-only", "--resume", output_dir / "checkpoint.pth", "--dsb-score"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    result = json.loads((tmp_path / "eval.json").read_text())
+    (record,) = [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+    # The labels follow the checkpoint's categories: the same numbers as after training.
+    assert result["dsb"] == record["dsb"] and result["segm"] == record["segm"]
+
+
 @pytest.fixture(scope="module")
 def predictions(fine_tuned, tmp_path_factory):
     folder = tmp_path_factory.mktemp("to_predict")
