@@ -23,6 +23,80 @@ COCO_2017_SPLITS = {
 HIGH_BIT_DEPTH_PERCENTILES = (0.1, 99.9)
 
 
+class DataError(Exception):
+    """A problem in the data, described in one line that names the file and the item."""
+
+
+def read_annotation_file(ann_file):
+    """The parsed JSON of a COCO annotation file, or a DataError saying what is wrong with it."""
+    if not os.path.isfile(ann_file):
+        raise DataError(f"{ann_file}: no such file")
+    if os.path.getsize(ann_file) == 0:
+        raise DataError(f"{ann_file}: empty file")
+    try:
+        with open(ann_file, "rb") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ann_file}: not valid JSON ({e})") from e
+    if not isinstance(dataset, dict):
+        raise DataError(f"{ann_file}: not a COCO annotation file (top level is not an object)")
+    for key in ("images", "annotations"):
+        if not isinstance(dataset.get(key), list):
+            raise DataError(f"{ann_file}: not a COCO annotation file (no '{key}' list)")
+    return dataset
+
+
+def check_dataset(dataset, ann_file, image_dir):
+    """One pass over the annotation file that finds broken records before training starts.
+
+    Checks ids and references, segmentation shapes and that every image file exists; no image
+    is decoded (unreadable or mis-sized images are found when they are loaded).
+    """
+    images = {}
+    for image in dataset["images"]:
+        where = f"{ann_file}: image {image.get('id')!r}"
+        if "id" not in image or "file_name" not in image:
+            raise DataError(f"{where}: needs an 'id' and a 'file_name'")
+        if image["id"] in images:
+            raise DataError(f"{where}: id used twice")
+        for key in ("height", "width"):
+            if key in image and not (isinstance(image[key], int) and image[key] > 0):
+                raise DataError(f"{where}: {key} {image[key]!r} is not a positive integer")
+        path = image_path(image_dir, image["file_name"])
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: image file missing (image {image['id']} of {ann_file})")
+        images[image["id"]] = image
+    category_ids = {c.get("id") for c in dataset.get("categories", [])}
+    for annotation in dataset["annotations"]:
+        where = f"{ann_file}: annotation {annotation.get('id')!r}"
+        image = images.get(annotation.get("image_id"))
+        if image is None:
+            raise DataError(f"{where}: unknown image_id {annotation.get('image_id')!r}")
+        if annotation.get("category_id") not in category_ids:
+            raise DataError(f"{where}: unknown category_id {annotation.get('category_id')!r}")
+        check_segmentation(annotation.get("segmentation"), image, where)
+
+
+def check_segmentation(segmentation, image, where):
+    if isinstance(segmentation, list):
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or len(polygon) % 2:
+                raise DataError(f"{where}: polygon with an odd number of coordinates")
+            if len(polygon) < 6:
+                raise DataError(f"{where}: polygon with {len(polygon) // 2} points (needs 3)")
+    elif isinstance(segmentation, dict):
+        if "counts" not in segmentation or "size" not in segmentation:
+            raise DataError(f"{where}: RLE segmentation needs 'size' and 'counts'")
+        expected = [image.get("height"), image.get("width")]
+        if "height" in image and list(segmentation["size"]) != expected:
+            raise DataError(
+                f"{where}: RLE size {list(segmentation['size'])} differs from its image's "
+                f"[height, width] {expected}"
+            )
+    elif segmentation is not None:
+        raise DataError(f"{where}: segmentation is neither polygons nor RLE")
+
+
 def load_image(path):
     """Reads an image as a 3-channel tv_tensors.Image: uint8 for 8-bit files, float for deeper ones.
 
@@ -185,10 +259,18 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms=None,
         drop_images_without_objects=False,
         label_offset=None,
+        skip_bad_images=False,
+        sample_seed=None,
     ):
         self.image_dir = image_dir
-        with open(ann_file) as f:
-            dataset = complete_dataset(json.load(f), image_dir)
+        self.ann_file = ann_file
+        self.skip_bad_images = skip_bad_images
+        self.skipped = 0
+        self.sample_seed = sample_seed
+        self.epoch = 0
+        dataset = read_annotation_file(ann_file)
+        check_dataset(dataset, ann_file, image_dir)
+        dataset = complete_dataset(dataset, image_dir)
         self.coco = COCO()
         self.coco.dataset = dataset
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timings
@@ -206,15 +288,48 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, index):
+        if not self.skip_bad_images:
+            return self.load(index)
+        for offset in range(len(self)):
+            try:
+                return self.load((index + offset) % len(self))
+            except DataError as e:
+                self.skipped += 1
+                print(f"warning: skipped {e} ({self.skipped} skipped in this process)", flush=True)
+        raise DataError(f"{self.image_dir}: no readable image left")
+
+    def load(self, index):
+        """Image and target of one index, augmented with a seed of its own when one is set.
+
+        The per-sample seed (`sample_seed`, `epoch`, index) makes augmentations independent of
+        the number of workers and of where a resumed epoch starts.
+        """
         image_id = self.ids[index]
-        image = load_image(image_path(self.image_dir, self.coco.imgs[image_id]["file_name"]))
+        info = self.coco.imgs[image_id]
+        path = image_path(self.image_dir, info["file_name"])
+        try:
+            image = load_image(path)
+        except (OSError, ValueError) as e:  # PIL: missing, truncated or not an image
+            raise DataError(f"{path}: cannot read image ({e})") from e
         height, width = image.shape[-2:]
+        if (height, width) != (info["height"], info["width"]):
+            raise DataError(
+                f"{path}: image is {width}x{height} px but {self.ann_file} says "
+                f"{info['width']}x{info['height']}"
+            )
         target = annotations_to_target(
             self.coco.imgToAnns[image_id], image_id, height, width, self.label_offset
         )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        if self.transforms is None:
+            return image, target
+        if self.sample_seed is None:
+            return self.transforms(image, target)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.sample_seed, self.epoch, index)) % 2**63)
+            return self.transforms(image, target)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def aspect_ratios(self):
         """Width / height of each image, read from the annotation file (no image is opened)."""
@@ -240,7 +355,7 @@ def split_paths(args, split):
     return image_dir, ann_path
 
 
-def get_coco(args, split, transforms, label_offset=None):
+def get_coco(args, split, transforms, label_offset=None, sample_seed=None):
     image_dir, ann_file = split_paths(args, split)
     return CocoDetection(
         image_dir,
@@ -248,6 +363,8 @@ def get_coco(args, split, transforms, label_offset=None):
         transforms,
         drop_images_without_objects=(split == "train"),
         label_offset=label_offset,
+        skip_bad_images=args.skip_bad_images,
+        sample_seed=sample_seed,
     )
 
 

@@ -31,18 +31,30 @@ def to_device(images, targets, device):
     return images, targets
 
 
-def train_one_epoch(model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler=None):
+def train_one_epoch(
+    model,
+    optimizer,
+    lr_scheduler,
+    data_loader,
+    device,
+    epoch,
+    args,
+    scaler=None,
+    start_iteration=0,
+    end_of_step=None,
+):
     """One pass over `data_loader`; steps the (per-iteration) scheduler after every optimizer step.
 
-    Returns the epoch's average of each loss over all iterations and ranks.
+    `start_iteration` numbers the first batch (a resumed epoch); `end_of_step(iterations_done)`
+    runs after every step (mid-epoch checkpoints, stop signals). Returns the average of each
+    loss over the epoch's iterations and all ranks.
     """
     model.train()
     logger = utils.MetricLogger()
     logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
-    for iteration, (images, targets) in enumerate(
-        logger.log_every(data_loader, args.print_freq, header)
-    ):
+    batches = logger.log_every(data_loader, args.print_freq, header)
+    for iteration, (images, targets) in enumerate(batches, start=start_iteration):
         images, targets = to_device(images, targets, device)
         with autocast(device, args.amp):
             loss_dict = model(images, targets)
@@ -71,6 +83,8 @@ def train_one_epoch(model, optimizer, lr_scheduler, data_loader, device, epoch, 
             optimizer.step()
         logger.update(lr=optimizer.param_groups[0]["lr"], loss=loss_value, **loss_dict_reduced)
         lr_scheduler.step()
+        if end_of_step is not None:
+            end_of_step(iteration + 1)
     return {k: v for k, v in logger.global_averages().items() if k != "lr"}
 
 

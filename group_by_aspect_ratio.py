@@ -36,9 +36,12 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """Selects the epoch's order; `start_batch` skips batches a resumed run already took."""
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def _chunks(self):
         order = np.arange(len(self.group_ids))
@@ -60,10 +63,13 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return padded[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
 
     def __iter__(self):
-        for chunk in self._chunks():
+        for chunk in self._chunks()[self.start_batch :]:
             yield self._rank_slice(chunk)
 
     def __len__(self):
+        return self.batches_per_epoch() - self.start_batch
+
+    def batches_per_epoch(self):
         chunk_size = self.batch_size * self.num_replicas
         _, counts = np.unique(self.group_ids, return_counts=True)
         return int(sum(math.ceil(c / chunk_size) for c in counts))

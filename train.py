@@ -17,9 +17,10 @@ The learning rate 0.02 is for 8 GPUs x 2 images; scale it linearly with the tota
 """
 
 import argparse
-import json
 import os
 import random
+import tempfile
+import traceback
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import presets
 import utils
 from coco_eval import CocoEvaluator
-from coco_utils import get_coco, label_to_category_id, split_paths
+from coco_utils import DataError, get_coco, label_to_category_id, split_paths
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
 from transforms import copy_paste_collate_fn
@@ -61,6 +62,11 @@ def get_args_parser(add_help=True):
             help=f"folder of the {split} file_names (default: <data-path>/{split}2017)",
         )
     data.add_argument("-j", "--workers", default=4, type=int, help="data loading processes")
+    data.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable or mis-sized images with a warning instead of stopping",
+    )
     data.add_argument(
         "--data-augmentation",
         default="hflip",
@@ -143,7 +149,18 @@ def get_args_parser(add_help=True):
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", help="cuda when available, else cpu")
     runtime.add_argument("--output-dir", default=".", help="checkpoints and log.jsonl go here")
-    runtime.add_argument("--resume", help="checkpoint to continue from")
+    runtime.add_argument(
+        "--resume",
+        help="checkpoint to continue from; 'auto': <output-dir>/checkpoint.pth if it exists",
+    )
+    runtime.add_argument(
+        "--keep-last", type=int, help="keep only the newest K model_<epoch>.pth (default: all)"
+    )
+    runtime.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="also write checkpoint.pth every N iterations, to resume mid-epoch exactly",
+    )
     runtime.add_argument(
         "--start-epoch", default=0, type=int, help="first epoch (without --resume)"
     )
@@ -158,6 +175,9 @@ def get_args_parser(add_help=True):
     runtime.add_argument("--seed", type=int, help="seed for weights, sampling and augmentation")
     runtime.add_argument(
         "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
+    )
+    runtime.add_argument(
+        "--debug", action="store_true", help="print the traceback behind an error message"
     )
 
     distributed = parser.add_argument_group("distributed")
@@ -200,6 +220,9 @@ def check_args(args):
         problems.append("--lr must be positive")
     if args.workers < 0:
         problems.append("--workers must not be negative")
+    for flag in ("keep_last", "checkpoint_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_classes is not None and args.num_classes < 2:
         problems.append("--num-classes must be at least 2 (background and one class)")
     if args.anchor_sizes and (len(args.anchor_sizes) != 5 or min(args.anchor_sizes) < 1):
@@ -217,23 +240,36 @@ def seed_everything(seed):
 
 
 def get_dataset(args, split, label_offset=None):
-    """A split's CocoDetection; `label_offset` (see coco_utils) defaults to its own file's."""
+    """A split's CocoDetection; `label_offset` (see coco_utils) defaults to its own file's.
+
+    The annotation file is checked as a whole here, so broken data stops the run before the
+    first training step.
+    """
     image_dir, ann_file = split_paths(args, split)
-    for path in (ann_file, image_dir):
-        if not os.path.exists(path):
-            raise SystemExit(f"error: {path}: no such file or folder ({split} split)")
+    if not os.path.isdir(args.data_path) and not (
+        getattr(args, f"{split}_ann") and getattr(args, f"{split}_images")
+    ):
+        raise SystemExit(f"error: --data-path {args.data_path}: no such folder")
+    if not os.path.isdir(image_dir):
+        raise SystemExit(f"error: {image_dir}: no such folder ({split} images)")
     if split == "train":
         transforms = presets.DetectionPresetTrain(
             args.data_augmentation, min_size=args.min_size or 800, max_size=args.max_size or 1333
         )
+        # Augmentations draw from per-sample seeds; without --seed, from a fresh one per run.
+        sample_seed = args.seed if args.seed is not None else random.randrange(2**31)
     else:
-        transforms = presets.DetectionPresetEval()
+        transforms, sample_seed = presets.DetectionPresetEval(), None
     try:
-        return get_coco(args, split, transforms, label_offset)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {ann_file}: not valid JSON ({e})") from None
+        dataset = get_coco(args, split, transforms, label_offset, sample_seed)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from e
     except OSError as e:  # an image whose size the file leaves out, read from its header
-        raise SystemExit(f"error: {ann_file}: {e}") from None
+        raise SystemExit(f"error: {ann_file}: {e}") from e
+    if len(dataset) == 0:
+        usable = " with a usable (non-crowd, non-empty) object" if split == "train" else ""
+        raise SystemExit(f"error: {ann_file}: no image{usable} ({split} split)")
+    return dataset
 
 
 def model_kwargs(args):
@@ -399,7 +435,13 @@ def get_data_loaders(args, dataset, dataset_val):
     Evaluation takes single images so that results do not depend on how images are batched
     (padding), which keeps distributed and single-process evaluation identical.
     """
-    loader_options = {"num_workers": args.workers, "pin_memory": args.device.startswith("cuda")}
+    # Own generators: drawing the loaders' worker seeds leaves the global RNG (which RPN and
+    # RoI sampling use) where a resumed run expects it.
+    loader_options = {
+        "num_workers": args.workers,
+        "pin_memory": args.device.startswith("cuda"),
+        "generator": torch.Generator(),
+    }
     val_sampler = (
         torch.utils.data.DistributedSampler(dataset_val, shuffle=False)
         if args.distributed
@@ -471,32 +513,83 @@ def make_evaluator(args, model, dataset_val, num_classes):
     )
 
 
-def load_checkpoint(path):
+def resolve_resume(args):
+    """The checkpoint path to resume from: --resume itself, or with 'auto' the output folder's
+    checkpoint.pth when there is one (so a re-submitted job continues), else None."""
+    if args.resume != "auto":
+        return args.resume
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(path):
+        utils.print_main(f"resuming from {path}")
+        return path
+    utils.print_main(f"no {path} yet: starting from scratch")
+    return None
+
+
+def load_checkpoint(path, args):
+    """A checkpoint of this repo for args.model, or a one-line error saying what it is not."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: --resume {path}: not a loadable checkpoint ({e})") from None
+        raise SystemExit(f"error: --resume {path}: not a loadable checkpoint ({e})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "args"} <= checkpoint.keys():
+        raise SystemExit(f"error: --resume {path}: not a checkpoint of this repo")
+    saved_model = checkpoint["args"].get("model")
+    if saved_model != args.model:
+        raise SystemExit(f"error: --resume {path}: a {saved_model} checkpoint, not {args.model}")
+    saved_classes = checkpoint.get("num_classes")
+    if args.num_classes is not None and saved_classes != args.num_classes:
+        raise SystemExit(
+            f"error: --resume {path}: trained for {saved_classes} classes, "
+            f"--num-classes is {args.num_classes}"
+        )
+    return checkpoint
 
 
 def resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, iters_per_epoch):
-    """Restores optimizer, scheduler and scaler; returns the epoch to continue at."""
+    """Restores optimizer, scheduler and scaler; returns (epoch, iteration) to continue at.
+
+    A mid-epoch checkpoint (--checkpoint-every, a stop signal) continues inside its epoch.
+    """
     optimizer.load_state_dict(checkpoint["optimizer"])
-    start_epoch = checkpoint["epoch"] + 1
+    if "iteration" in checkpoint:
+        start = (checkpoint["epoch"], checkpoint["iteration"])
+    else:
+        start = (checkpoint["epoch"] + 1, 0)
     if checkpoint.get("iters_per_epoch") == iters_per_epoch:
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    elif start[1] > 0:
+        raise SystemExit(
+            "error: a mid-epoch checkpoint resumes only with the world size and batch size "
+            f"that wrote it ({checkpoint.get('iters_per_epoch')} iterations per epoch, "
+            f"now {iters_per_epoch})"
+        )
     else:
         # Another world size or batch size: replay the schedule up to the resumed epoch.
         utils.print_main(
             f"iterations per epoch changed ({checkpoint.get('iters_per_epoch')} -> "
-            f"{iters_per_epoch}): learning-rate schedule replayed to epoch {start_epoch}"
+            f"{iters_per_epoch}): learning-rate schedule replayed to epoch {start[0]}"
         )
-        for _ in range(start_epoch * iters_per_epoch):
+        for _ in range(start[0] * iters_per_epoch):
             lr_scheduler.step()
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    return start_epoch
+    return start
+
+
+def check_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f"error: --output-dir {path}: cannot write there ({e.strerror})") from e
+
+
+def one_line(error):
+    """The message of a DataError, also when a DataLoader worker re-raised it with its trace."""
+    return str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
 def main(args):
@@ -506,8 +599,7 @@ def main(args):
         args.device = "cpu" if cpu_fallback else "cuda"
     if args.sync_bn and not args.device.startswith("cuda"):
         raise SystemExit("error: --sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    check_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
     if cpu_fallback:
         utils.print_main("no CUDA device found: training on the CPU")
@@ -520,7 +612,8 @@ def main(args):
         seed_everything(args.seed + args.rank)
     device = torch.device(args.device)
 
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    resume_path = resolve_resume(args)
+    checkpoint = load_checkpoint(resume_path, args) if resume_path else None
     saved = checkpoint or {}
     dataset = None if args.test_only else get_dataset(args, "train")
     # Model labels follow the training categories, or those the checkpoint was trained on.
@@ -542,16 +635,17 @@ def main(args):
     if args.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
     if checkpoint is not None:
         model_without_ddp.load_state_dict(checkpoint["model"])
 
-    if args.test_only:
+    def run_evaluation():
         evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
-        stats = evaluate(
+        return evaluate(
             model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
         )
-        record = {"checkpoint": args.resume, "weights": args.weights, **stats}
+
+    if args.test_only:
+        record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}
         if checkpoint is not None:
             record["epoch"] = checkpoint["epoch"]
         utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
@@ -559,48 +653,92 @@ def main(args):
         return
 
     optimizer = get_optimizer(args, model_without_ddp)
-    lr_scheduler = get_lr_scheduler(args, optimizer, len(data_loader))
+    iters_per_epoch = data_loader.batch_sampler.batches_per_epoch()
+    lr_scheduler = get_lr_scheduler(args, optimizer, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    start_epoch = args.start_epoch
+    start_epoch, start_iteration = args.start_epoch, 0
     if checkpoint is not None:
-        start_epoch = resume_training_state(
-            checkpoint, optimizer, lr_scheduler, scaler, len(data_loader)
+        start_epoch, start_iteration = resume_training_state(
+            checkpoint, optimizer, lr_scheduler, scaler, iters_per_epoch
         )
+        if "rng" in checkpoint:
+            utils.set_rng_states(checkpoint["rng"])
 
-    category_names = dataset.category_names()
-    for epoch in range(start_epoch, args.epochs):
-        data_loader.batch_sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            train_stats = train_one_epoch(
-                model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler
-            )
-        except NonFiniteLossError as e:
-            raise SystemExit(f"error: {e}; earlier checkpoints are intact") from None
-        checkpoint = {
+    def training_state(epoch, iteration=None):
+        state = {
             "model": model_without_ddp.state_dict(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "epoch": epoch,
             "args": vars(args),
-            "iters_per_epoch": len(data_loader),
+            "iters_per_epoch": iters_per_epoch,
             "num_classes": num_classes,
-            "category_names": category_names,
+            "category_names": dataset.category_names(),
             "label_offset": dataset.label_offset,
+            "rng": utils.rng_states(),
         }
+        if iteration is not None:
+            state["iteration"] = iteration
         if scaler is not None:
-            checkpoint["scaler"] = scaler.state_dict()
-        utils.save_on_master(checkpoint, os.path.join(args.output_dir, f"model_{epoch}.pth"))
-        utils.save_on_master(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
+            state["scaler"] = scaler.state_dict()
+        return state
 
-        evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
-        eval_stats = evaluate(
-            model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
-        )
-        record = {"epoch": epoch, "lr": lr, "train": train_stats, **eval_stats}
-        utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    stop = utils.StopSignal()  # from here on, SIGTERM/SIGUSR1 stop after a checkpoint
+
+    def exit_if_stopped():
+        if stop.requested():
+            utils.print_main(f"stopped by a signal; exit code {stop.exit_code()}")
+            utils.destroy_distributed()
+            raise SystemExit(stop.exit_code())
+
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            exit_if_stopped()
+
+            def end_of_step(done, epoch=epoch):
+                every = args.checkpoint_every
+                stopping = stop.requested()
+                if stopping or (every and done % every == 0 and done < iters_per_epoch):
+                    utils.save_on_master(training_state(epoch, done), checkpoint_path)
+                if stopping:
+                    exit_if_stopped()
+
+            dataset.set_epoch(epoch)
+            first = start_iteration if epoch == start_epoch else 0
+            data_loader.batch_sampler.set_epoch(epoch, start_batch=first)
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train_stats = train_one_epoch(
+                    model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler,
+                    start_iteration=first, end_of_step=end_of_step,
+                )  # fmt: skip
+            except NonFiniteLossError as e:
+                raise SystemExit(f"error: {e}; earlier checkpoints are intact") from e
+            except DataError as e:
+                raise SystemExit(f"error: {one_line(e)}") from e
+            utils.save_on_master(training_state(epoch), checkpoint_path)
+            utils.link_or_copy_on_master(
+                checkpoint_path, os.path.join(args.output_dir, f"model_{epoch}.pth")
+            )
+            utils.prune_epoch_checkpoints(args.output_dir, args.keep_last)
+
+            record = {"epoch": epoch, "lr": lr, "train": train_stats, **run_evaluation()}
+            utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
+    finally:
+        stop.restore()
     utils.destroy_distributed()
 
 
+def run(args):
+    """main(args); one-line errors, with the traceback behind them under --debug."""
+    try:
+        main(args)
+    except SystemExit as e:
+        if args.debug and isinstance(e.code, str):
+            traceback.print_exception(e)
+        raise
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run(get_args_parser().parse_args())

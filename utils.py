@@ -4,6 +4,8 @@ import datetime
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -117,6 +119,8 @@ class MetricLogger:
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MB")
                 print_main(self.delimiter.join(parts), flush=True)
             end = time.time()
+        if total == 0:  # a resumed epoch that had already taken all its batches
+            return
         total_time = datetime.timedelta(seconds=int(time.time() - start))
         print_main(
             f"{header} total time: {total_time} ({(time.time() - start) / total:.4f} s / it)"
@@ -280,6 +284,84 @@ def save_on_master(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def link_or_copy_on_master(source, destination):
+    """Makes `destination` hold `source`'s bytes: a hard link where the file system allows it
+    (instant, and the next atomic write of `source` leaves it untouched), else a copy."""
+    if not is_main_process():
+        return
+    tmp_path = os.path.join(os.path.dirname(destination), f".{os.path.basename(destination)}.tmp")
+    if os.path.exists(tmp_path):
+        os.remove(tmp_path)
+    try:
+        os.link(source, tmp_path)
+    except OSError:
+        shutil.copyfile(source, tmp_path)
+    os.replace(tmp_path, destination)
+
+
+def prune_epoch_checkpoints(output_dir, keep_last):
+    """Deletes all but the newest `keep_last` model_<epoch>.pth files."""
+    if not is_main_process() or keep_last is None:
+        return
+    epochs = sorted(
+        int(match.group(1))
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(r"model_(\d+)\.pth", name))
+    )
+    for epoch in epochs[: max(len(epochs) - keep_last, 0)]:
+        os.remove(os.path.join(output_dir, f"model_{epoch}.pth"))
+
+
+def rng_states():
+    """The generators training draws from (RPN and RoI sampling), for an exact mid-epoch resume.
+
+    Augmentations draw from per-sample seeds (coco_utils) and batch order from the sampler's
+    seed, and neither numpy's nor Python's global generator is used in a training step.
+    """
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 (SLURM's pre-emption signals) so that training can stop
+    cleanly after the current iteration instead of dying in the middle of one."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def restore(self):
+        """Puts the handlers that were there before back."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        print(f"received {signal.Signals(signum).name}: stopping after this iteration", flush=True)
+
+    def requested(self):
+        """True on every rank once any rank got a signal, so that all stop at one iteration."""
+        flag = torch.tensor([self.received is not None], dtype=torch.float32)
+        if is_dist_avail_and_initialized():
+            flag = flag.to(_dist_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def exit_code(self):
+        """128 + the signal number, as for a process the signal killed (143 for SIGTERM)."""
+        return 128 + (self.received or signal.SIGTERM)
 
 
 def write_json_on_master(path, record):

@@ -504,3 +504,15 @@ def test_dsb_score_takes_label_images_and_tensors():
     labels = torch.tensor(a * 3 + b * 7)
     assert dsb_score([labels], [np.stack([b, a])]) == 1.0
     assert dsb_score([torch.zeros(12, 12)], [np.zeros((12, 12))]) == 1.0
+
+
+def test_mask_ious_equal_dense_ious():
+    rng = np.random.default_rng(0)
+    gt = np.stack([square(20, *rng.integers(0, 15, 2), rng.integers(1, 8)) for _ in range(6)])
+    pred = np.stack([square(20, *rng.integers(0, 15, 2), rng.integers(1, 8)) for _ in range(5)])
+    pred[0] = False  # an empty prediction
+    flat_gt, flat_pred = gt.reshape(6, -1).astype(float), pred.reshape(5, -1).astype(float)
+    intersection = flat_gt @ flat_pred.T
+    union = flat_gt.sum(1)[:, None] + flat_pred.sum(1) - intersection
+    assert np.count_nonzero(intersection) >= 3
+    np.testing.assert_array_equal(coco_eval.mask_ious(gt, pred), intersection / union)

@@ -81,7 +81,7 @@ def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
     start = train.resume_training_state(
         checkpoint, optimizer, scheduler, None, checkpoint["iters_per_epoch"]
     )
-    assert start == 1
+    assert start == (1, 0)
     saved = checkpoint["optimizer"]["state"]
     restored = optimizer.state_dict()["state"]
     assert saved.keys() == restored.keys() and len(saved) > 0
@@ -147,7 +147,7 @@ def run_cli(*argv):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--data-path", "/nonexistent/coco"], "/nonexistent/coco/annotations"),
+        (["--data-path", "/nonexistent/coco"], "--data-path /nonexistent/coco: no such folder"),
         (["--use-copypaste"], "--use-copypaste works only with --data-augmentation lsj"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
     ],
