@@ -640,9 +640,13 @@ def main(args):
 
     def run_evaluation():
         evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
-        return evaluate(
+        stats = evaluate(
             model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
         )
+        if utils.is_main_process():
+            print(evaluator.per_category_table())
+            evaluator.write_results(args.output_dir)
+        return stats
 
     if args.test_only:
         record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import train
 
@@ -62,6 +64,20 @@ def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path)
     assert result["epoch"] == 1
     assert result["bbox"] == last_epoch["bbox"]
     assert result["segm"] == last_epoch["segm"]
+
+
+def test_results_files_reproduce_the_logged_stats_with_pycocotools(demo_root, trained):
+    coco_gt = COCO(str(demo_root / "annotations" / "instances_val2017.json"))
+    last_epoch = read_log(trained)[-1]
+    for iou_type in ("bbox", "segm"):
+        results = json.loads((trained / f"results_{iou_type}.json").read_text())
+        assert results and all(isinstance(r["image_id"], int) for r in results)
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+        assert coco_eval.stats.tolist() == pytest.approx(last_epoch[iou_type], abs=1e-12)
 
 
 def test_resume_continues_at_the_next_epoch(demo_root, trained, tmp_path):
