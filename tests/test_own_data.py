@@ -62,7 +62,8 @@ def write_export(root):
     Sub-folders (one written Windows-style), 16-bit PNG and TIFF, palette and RGBA, category ids
     0 and 3, no info or licenses but extra keys, an image without annotations and one without
     width/height, annotations without id, iscrowd, bbox or area, a bbox that disagrees with its
-    polygon, all three segmentation forms, and a one-point polygon.
+    polygon, and all three segmentation forms. (A polygon of fewer than 3 points is an error,
+    tested in test_reliability.py.)
     """
     images_dir = root / "images"
     specs = [  # file_name, kind, [(category, square, form, dropped keys, bbox)]
@@ -96,10 +97,9 @@ def write_export(root):
                 "iscrowd": 0,
             }
             annotations.append({k: v for k, v in annotation.items() if k not in dropped})
-    one_click = {"id": 99, "image_id": 4, "category_id": 0, "segmentation": [[5, 5, 6, 6]]}
     dataset = {
         "images": images,
-        "annotations": [*annotations, one_click],
+        "annotations": annotations,
         "categories": CATEGORIES,
         "type": "instances",
         "tool": {"name": "some-labeller", "version": "3.1"},
@@ -155,7 +155,7 @@ def test_missing_fields_are_filled_for_the_evaluator(export):
     coco = CocoDetection(*export).coco
     annotations = coco.dataset["annotations"]
     assert all({"id", "iscrowd", "bbox", "area"} <= a.keys() for a in annotations)
-    assert len({a["id"] for a in annotations}) == len(annotations) == 7  # one-click left out
+    assert len({a["id"] for a in annotations}) == len(annotations) == 7
     by_box = {tuple(a["bbox"]): a for a in annotations}
     assert by_box[(30.0, 30.0, 20.0, 14.0)]["area"] == 20 * 14  # from the RLE
     assert by_box[(20.0, 20.0, 24.0, 20.0)]["area"] == 24 * 20  # from the polygon
