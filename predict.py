@@ -37,6 +37,7 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 import train
+import utils
 from coco_eval import masks_to_rles
 from coco_utils import load_image
 
@@ -95,15 +96,10 @@ def check_header(path, name):
 
 
 def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: not a loadable checkpoint ({e})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "args"} <= checkpoint.keys():
-        raise InputError(f"{path}: not a checkpoint written by train.py (needs model and args)")
-    return checkpoint
+        return utils.read_checkpoint(path)
+    except utils.CheckpointError as e:
+        raise InputError(str(e)) from e
 
 
 def build_model(checkpoint, path):

@@ -1,18 +1,21 @@
 r"""Trains and evaluates torchvision detection models (Mask R-CNN by default) on COCO-format data.
 
-One device:
+One device (mixed precision: add --amp, float16 with gradient scaling on CUDA, bfloat16 on CPU):
     python train.py --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
         --lr 0.001 --batch-size 4
-Mixed precision: add --amp (float16 with gradient scaling on CUDA, bfloat16 on CPU).
 
-Eight GPUs on one node (`python -m torch.distributed.launch --use_env` works the same way):
-    torchrun --nproc_per_node=8 train.py --data-path ./datasets/coco --lr 0.02 --batch-size 2
-Two nodes: add --nnodes=2 --node_rank=0 (1 on the other) --master_addr=NODE0 --master_port=29500.
+Eight GPUs on one node (torchrun --nproc_per_node=8 train.py ... works the same way):
+    python -m torch.distributed.launch --nproc_per_node=8 --use_env train.py \
+        --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
+        --wd 0.000001 --lr 0.001 --batch-size 4
+Two nodes: torchrun --nnodes=2 --node_rank=0 (1 on the other) --master_addr=NODE0 ...
 SLURM, one task per GPU: srun python train.py ... (rank and master address from SLURM).
 
 Evaluate a checkpoint:
-    python train.py --data-path ./datasets/coco --test-only --resume output/checkpoint.pth
+    python train.py --data-path ./datasets/coco --dataset coco --model maskrcnn_resnet50_fpn \
+        --test-only --resume output/checkpoint.pth
 
+Re-submittable after any interruption: --resume auto (and --checkpoint-every N).
 The learning rate 0.02 is for 8 GPUs x 2 images; scale it linearly with the total batch size.
 """
 
@@ -528,14 +531,10 @@ def resolve_resume(args):
 
 def load_checkpoint(path, args):
     """A checkpoint of this repo for args.model, or a one-line error saying what it is not."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --resume {path}: not a loadable checkpoint ({e})") from e
-    if not isinstance(checkpoint, dict) or not {"model", "epoch", "args"} <= checkpoint.keys():
-        raise SystemExit(f"error: --resume {path}: not a checkpoint of this repo")
+        checkpoint = utils.read_checkpoint(path)
+    except utils.CheckpointError as e:
+        raise SystemExit(f"error: --resume {e}") from e
     saved_model = checkpoint["args"].get("model")
     if saved_model != args.model:
         raise SystemExit(f"error: --resume {path}: a {saved_model} checkpoint, not {args.model}")

@@ -364,6 +364,23 @@ class StopSignal:
         return 128 + (self.received or signal.SIGTERM)
 
 
+class CheckpointError(Exception):
+    """A file that is not a checkpoint of this repo; the message names it."""
+
+
+def read_checkpoint(path):
+    """A checkpoint dict written by train.py (loaded with weights_only=True), or CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({e})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "epoch", "args"} <= checkpoint.keys():
+        raise CheckpointError(f"{path}: not a checkpoint of this repo (needs model, epoch, args)")
+    return checkpoint
+
+
 def write_json_on_master(path, record):
     if is_main_process():
         with open(path, "w") as f:
