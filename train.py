@@ -20,6 +20,7 @@ The learning rate 0.02 is for 8 GPUs x 2 images; scale it linearly with the tota
 """
 
 import argparse
+import functools
 import os
 import random
 import tempfile
@@ -591,7 +592,8 @@ def one_line(error):
     return str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
-def main(args):
+def setup(args):
+    """Checks the flags, joins the process group, prints the run's settings; returns the device."""
     check_args(args)
     cpu_fallback = args.device is None and not torch.cuda.is_available()
     if args.device is None:
@@ -609,52 +611,56 @@ def main(args):
         torch.use_deterministic_algorithms(True)
     if args.seed is not None:
         seed_everything(args.seed + args.rank)
-    device = torch.device(args.device)
+    return torch.device(args.device)
 
-    resume_path = resolve_resume(args)
-    checkpoint = load_checkpoint(resume_path, args) if resume_path else None
+
+def get_datasets(args, checkpoint):
+    """Training set (None with --test-only), validation set and the number of classes."""
     saved = checkpoint or {}
     dataset = None if args.test_only else get_dataset(args, "train")
     # Model labels follow the training categories, or those the checkpoint was trained on.
     label_offset = dataset.label_offset if dataset else saved.get("label_offset")
     dataset_val = get_dataset(args, "val", label_offset)
-    num_classes = (
-        args.num_classes or saved.get("num_classes") or default_num_classes(dataset or dataset_val)
-    )
-    check_num_classes(num_classes, dataset or dataset_val)
-    dsb_thresh = DSB_SCORE_THRESH if args.dsb_score else None
-    utils.print_main(describe_categories(dataset or dataset_val, num_classes))
-    data_loader, data_loader_val = get_data_loaders(args, dataset, dataset_val)
+    reference = dataset or dataset_val
+    num_classes = args.num_classes or saved.get("num_classes") or default_num_classes(reference)
+    check_num_classes(num_classes, reference)
+    utils.print_main(describe_categories(reference, num_classes))
+    return dataset, dataset_val, num_classes
 
-    model = get_model(args, num_classes)
-    model.to(device)
+
+def build_model(args, num_classes, device, checkpoint):
+    """The model on `device`, wrapped in DDP when distributed (the bare model is `.module`)."""
+    model = get_model(args, num_classes).to(device)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-    if args.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if checkpoint is not None:
-        model_without_ddp.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"])
+    if not args.distributed:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def run_evaluation():
-        evaluator = make_evaluator(args, model_without_ddp, dataset_val, num_classes)
-        stats = evaluate(
-            model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
-        )
-        if utils.is_main_process():
-            print(evaluator.per_category_table())
-            evaluator.write_results(args.output_dir)
-        return stats
 
-    if args.test_only:
-        record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}
-        if checkpoint is not None:
-            record["epoch"] = checkpoint["epoch"]
-        utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
-        utils.destroy_distributed()
-        return
+def evaluate_and_report(args, model, data_loader_val, num_classes, device):
+    """Evaluates, prints AP per category and writes the results files; returns the stats."""
+    dataset_val = data_loader_val.dataset
+    bare_model = getattr(model, "module", model)
+    evaluator = make_evaluator(args, bare_model, dataset_val, num_classes)
+    dsb_thresh = DSB_SCORE_THRESH if args.dsb_score else None
+    stats = evaluate(
+        model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
+    )
+    if utils.is_main_process():
+        print(evaluator.per_category_table())
+        evaluator.write_results(args.output_dir)
+    return stats
 
+
+def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation):
+    """The epochs: training, checkpoints (at epoch ends, every --checkpoint-every iterations and
+    on SIGTERM/SIGUSR1), evaluation and log.jsonl."""
+    model_without_ddp = getattr(model, "module", model)
+    dataset = data_loader.dataset
     optimizer = get_optimizer(args, model_without_ddp)
     iters_per_epoch = data_loader.batch_sampler.batches_per_epoch()
     lr_scheduler = get_lr_scheduler(args, optimizer, iters_per_epoch)
@@ -730,6 +736,25 @@ def main(args):
             utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
     finally:
         stop.restore()
+
+
+def main(args):
+    device = setup(args)
+    resume_path = resolve_resume(args)
+    checkpoint = load_checkpoint(resume_path, args) if resume_path else None
+    dataset, dataset_val, num_classes = get_datasets(args, checkpoint)
+    data_loader, data_loader_val = get_data_loaders(args, dataset, dataset_val)
+    model = build_model(args, num_classes, device, checkpoint)
+    run_evaluation = functools.partial(
+        evaluate_and_report, args, model, data_loader_val, num_classes, device
+    )
+    if args.test_only:
+        record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}
+        if checkpoint is not None:
+            record["epoch"] = checkpoint["epoch"]
+        utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
+    else:
+        train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
     utils.destroy_distributed()
 
 
