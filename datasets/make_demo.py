@@ -205,7 +205,7 @@ def make_split(root, split, num_images, size, rng):
     }
 
 
-def make_demo_dataset(root, num_train=40, num_val=10, size=192, seed=0):
+def make_demo_dataset(root, num_train=100, num_val=10, size=192, seed=0):
     """Write the demo dataset under ``root``; the same arguments give identical files."""
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def get_args_parser():
         "--output", default="./datasets/demo", help="dataset root to write (default: %(default)s)"
     )
     parser.add_argument(
-        "--num-train", type=int, default=40, help="training images (default: %(default)s)"
+        "--num-train", type=int, default=100, help="training images (default: %(default)s)"
     )
     parser.add_argument(
         "--num-val", type=int, default=10, help="validation images (default: %(default)s)"

@@ -174,3 +174,17 @@ def test_bad_input_gives_one_line_error(argv, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_flags_reach_the_torchvision_model():
+    args = train.get_args_parser().parse_args(
+        "--box-score-thresh 0 --box-nms-thresh 0.6 --box-batch-size-per-image 32 "
+        "--rpn-post-nms-top-n-test 300 --box-detections-per-img 400 "
+        "--anchor-sizes 8 16 32 64 128".split()
+    )
+    model = train.get_model(args, 3)
+    heads = model.roi_heads
+    assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.0, 0.6, 400)
+    assert heads.fg_bg_sampler.batch_size_per_image == 32
+    assert model.rpn._post_nms_top_n["testing"] == 300
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
