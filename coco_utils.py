@@ -1,9 +1,12 @@
 """COCO-format datasets: images and annotations as tensors and tv_tensors."""
 
 import contextlib
+import functools
+import gc
 import io
 import json
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -11,6 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 COCO_2017_SPLITS = {
@@ -21,6 +25,10 @@ COCO_2017_SPLITS = {
 # 16-bit microscopy images hold their signal in a small part of the range: scale each image
 # between these percentiles to [0, 1], the same way in training, evaluation and prediction.
 HIGH_BIT_DEPTH_PERCENTILES = (0.1, 99.9)
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+# PIL modes, by format, that torchvision.io decodes to the very pixels of PIL's convert("RGB")
+# (tests/test_coco_utils.py compares them), a fifth faster; others, CMYK included, use PIL.
+FAST_DECODE_MODES = {"PNG": {"1", "L", "LA", "P", "RGB", "RGBA"}, "JPEG": {"L", "RGB"}}
 
 
 class DataError(Exception):
@@ -34,7 +42,7 @@ def read_annotation_file(ann_file):
     if os.path.getsize(ann_file) == 0:
         raise DataError(f"{ann_file}: empty file")
     try:
-        with open(ann_file, "rb") as f:
+        with open(ann_file, "rb") as f, gc_paused():
             dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{ann_file}: not valid JSON ({e})") from e
@@ -46,55 +54,127 @@ def read_annotation_file(ann_file):
     return dataset
 
 
-def check_dataset(dataset, ann_file, image_dir):
-    """One pass over the annotation file that finds broken records before training starts.
+@contextlib.contextmanager
+def gc_paused():
+    """Holds off the cyclic garbage collector while a parse creates millions of objects without
+    cycles, which it would traverse again and again: COCO train2017's file parses 1.6x as fast."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
-    Checks ids and references, segmentation shapes and that every image file exists; no image
-    is decoded (unreadable or mis-sized images are found when they are loaded).
+
+def image_records(dataset, ann_file, image_dir):
+    """Checks and completes a parsed annotation file in one pass; returns one (image,
+    annotations) pair per image, in the file's order, sharing the file's dicts.
+
+    Finds broken records before training starts: ids and references, segmentation shapes and
+    that every image file exists; no image is decoded (unreadable or mis-sized images are found
+    when they are loaded). Then fills in what some annotation tools leave out and COCOeval
+    needs: images get a missing width and height from the file's header; annotations a missing
+    id, iscrowd (0), and bbox and area computed from the segmentation. Existing values stay as
+    they are: the training target takes its boxes from the masks anyway (see
+    annotations_to_target). Annotations with neither a shape nor a box of positive size (a
+    click exported as a one-point polygon) are left out: no model can find them.
     """
-    images = {}
+    records = {}
+    listings = {}
     for image in dataset["images"]:
-        where = f"{ann_file}: image {image.get('id')!r}"
-        if "id" not in image or "file_name" not in image:
-            raise DataError(f"{where}: needs an 'id' and a 'file_name'")
-        if image["id"] in images:
-            raise DataError(f"{where}: id used twice")
-        for key in ("height", "width"):
-            if key in image and not (isinstance(image[key], int) and image[key] > 0):
-                raise DataError(f"{where}: {key} {image[key]!r} is not a positive integer")
+        # Messages are only formatted for a problem: this loop runs a million times for COCO.
+        problem = image_problem(image, records)
+        if problem:
+            raise DataError(f"{ann_file}: image {image.get('id')!r}: {problem}")
         path = image_path(image_dir, image["file_name"])
-        if not os.path.isfile(path):
+        if not is_file(path, listings):
             raise DataError(f"{path}: image file missing (image {image['id']} of {ann_file})")
-        images[image["id"]] = image
+        records[image["id"]] = (image, [])
     category_ids = {c.get("id") for c in dataset.get("categories", [])}
+    largest_id, without_id, incomplete = 0, [], []
     for annotation in dataset["annotations"]:
-        where = f"{ann_file}: annotation {annotation.get('id')!r}"
-        image = images.get(annotation.get("image_id"))
-        if image is None:
-            raise DataError(f"{where}: unknown image_id {annotation.get('image_id')!r}")
-        if annotation.get("category_id") not in category_ids:
-            raise DataError(f"{where}: unknown category_id {annotation.get('category_id')!r}")
-        check_segmentation(annotation.get("segmentation"), image, where)
+        record = records.get(annotation.get("image_id"))
+        problem = annotation_problem(annotation, record, category_ids)
+        if problem:
+            raise DataError(f"{ann_file}: annotation {annotation.get('id')!r}: {problem}")
+        largest_id = max(largest_id, annotation.get("id", 0))
+        if not has_shape(annotation.get("segmentation")) and not has_box(annotation):
+            continue
+        record[1].append(annotation)
+        if "id" not in annotation:
+            without_id.append(annotation)
+        annotation.setdefault("iscrowd", 0)
+        if "bbox" not in annotation or "area" not in annotation:
+            incomplete.append((annotation, record[0]))
+    for image, _ in records.values():
+        if "width" not in image or "height" not in image:
+            with Image.open(image_path(image_dir, image["file_name"])) as opened:
+                image["width"], image["height"] = opened.size
+    for next_id, annotation in enumerate(without_id, start=largest_id + 1):
+        annotation["id"] = next_id
+    for annotation, image in incomplete:
+        fill_bbox_and_area(annotation, image["height"], image["width"])
+    return list(records.values())
 
 
-def check_segmentation(segmentation, image, where):
+def is_file(path, listings):
+    """os.path.isfile, answered from one listing of each folder (`listings` caches them): a stat
+    per image takes minutes for COCO's 118k images on a network file system."""
+    folder, name = os.path.split(path)
+    if folder not in listings:
+        try:
+            with os.scandir(folder or ".") as entries:
+                listings[folder] = {entry.name for entry in entries if entry.is_file()}
+        except OSError:
+            listings[folder] = set()
+    return name in listings[folder] or os.path.isfile(path)
+
+
+def image_problem(image, records):
+    """What is wrong with an image record, or None."""
+    if "id" not in image or "file_name" not in image:
+        return "needs an 'id' and a 'file_name'"
+    if image["id"] in records:
+        return "id used twice"
+    for key in ("height", "width"):
+        if key in image and not (isinstance(image[key], int) and image[key] > 0):
+            return f"{key} {image[key]!r} is not a positive integer"
+    return None
+
+
+def annotation_problem(annotation, record, category_ids):
+    """What is wrong with an annotation whose (image, annotations) record is `record`, or None."""
+    if record is None:
+        return f"unknown image_id {annotation.get('image_id')!r}"
+    if annotation.get("category_id") not in category_ids:
+        return f"unknown category_id {annotation.get('category_id')!r}"
+    return segmentation_problem(annotation.get("segmentation"), record[0])
+
+
+def segmentation_problem(segmentation, image):
     if isinstance(segmentation, list):
         for polygon in segmentation:
             if not isinstance(polygon, list) or len(polygon) % 2:
-                raise DataError(f"{where}: polygon with an odd number of coordinates")
+                return "polygon with an odd number of coordinates"
             if len(polygon) < 6:
-                raise DataError(f"{where}: polygon with {len(polygon) // 2} points (needs 3)")
+                return f"polygon with {len(polygon) // 2} points (needs 3)"
     elif isinstance(segmentation, dict):
         if "counts" not in segmentation or "size" not in segmentation:
-            raise DataError(f"{where}: RLE segmentation needs 'size' and 'counts'")
+            return "RLE segmentation needs 'size' and 'counts'"
         expected = [image.get("height"), image.get("width")]
         if "height" in image and list(segmentation["size"]) != expected:
-            raise DataError(
-                f"{where}: RLE size {list(segmentation['size'])} differs from its image's "
+            return (
+                f"RLE size {list(segmentation['size'])} differs from its image's "
                 f"[height, width] {expected}"
             )
+        counts, (height, width) = segmentation["counts"], segmentation["size"]
+        if isinstance(counts, list) and sum(counts) != height * width:
+            # pycocotools would leave the rest of the mask undefined, or fail.
+            return f"RLE counts cover {sum(counts)} pixels, its size {height}x{width}"
     elif segmentation is not None:
-        raise DataError(f"{where}: segmentation is neither polygons nor RLE")
+        return "segmentation is neither polygons nor RLE"
+    return None
 
 
 def load_image(path):
@@ -102,10 +182,28 @@ def load_image(path):
 
     Any PIL mode works: grey (L), palette (P), RGBA, CMYK and 16/32-bit grey (I;16, I, F).
     """
-    with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode in HIGH_BIT_DEPTH_MODES:
             return tv_tensors.Image(scale_high_bit_depth(np.asarray(image)).expand(3, -1, -1))
+        if image.mode in FAST_DECODE_MODES.get(image.format, ()):
+            decoded = decode_8_bit(data)
+            if decoded is not None:
+                return tv_tensors.Image(decoded)
         return tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+
+
+def decode_8_bit(data):
+    """torchvision.io's RGB decoding of a PNG or JPEG file's bytes; None for a 16-bit PNG (PIL
+    keeps its high bytes) or a file it cannot read (PIL then says what is wrong with it)."""
+    try:
+        decoded = decode_image(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
+    except RuntimeError:
+        return None
+    return decoded if decoded.dtype == torch.uint8 else None
 
 
 def scale_high_bit_depth(array):
@@ -152,38 +250,6 @@ def label_offset_of(category_ids):
     return max(0, 1 - min(category_ids, default=1))
 
 
-def complete_dataset(dataset, image_dir):
-    """Fills in what some annotation tools leave out and COCOeval needs; returns a new dict.
-
-    Images get a missing width and height from the file's header; annotations a missing id,
-    iscrowd (0), and bbox and area computed from the segmentation. Existing values stay as they
-    are: the training target takes its boxes from the masks anyway (see annotations_to_target).
-    Annotations with neither a shape nor a box of positive size (a click exported as a
-    one-point polygon) are left out: no model can find them.
-    """
-    images = [dict(image) for image in dataset.get("images", [])]
-    for image in images:
-        if "width" not in image or "height" not in image:
-            with Image.open(image_path(image_dir, image["file_name"])) as opened:
-                image["width"], image["height"] = opened.size
-    sizes = {image["id"]: (image["height"], image["width"]) for image in images}
-    annotations = []
-    next_id = 1 + max((a.get("id", 0) for a in dataset.get("annotations", [])), default=0)
-    for annotation in dataset.get("annotations", []):
-        if not has_shape(annotation.get("segmentation")) and not has_box(annotation):
-            continue
-        annotation = dict(annotation)
-        if "id" not in annotation:
-            annotation["id"], next_id = next_id, next_id + 1
-        annotation.setdefault("iscrowd", 0)
-        if ("bbox" not in annotation or "area" not in annotation) and (
-            annotation["image_id"] in sizes
-        ):
-            fill_bbox_and_area(annotation, *sizes[annotation["image_id"]])
-        annotations.append(annotation)
-    return {**dataset, "images": images, "annotations": annotations}
-
-
 def has_shape(segmentation):
     if isinstance(segmentation, list):
         return any(len(polygon) >= 6 for polygon in segmentation)
@@ -214,7 +280,31 @@ def mask_boxes(masks, annotations):
         elif "bbox" in annotation:
             x, y, w, h = annotation["bbox"]
             boxes[i] = x, y, x + w, y + h
-    return torch.from_numpy(boxes)
+    return boxes
+
+
+def rles_to_masks(rles, from_file, height, width):
+    """Decodes RLEs into [N, H, W] uint8 masks; returns them with pycocotools' boxes (XYXY),
+    each of which holds every pixel of its mask.
+
+    One pycocotools call decodes the RLEs it made itself, back to back, as [H, W, N] in
+    column-major order (N masks stored transposed). An RLE from the file (`from_file`) is
+    decoded alone: one shorter than its size says would shift every mask after it. Only the
+    pixels inside each box are copied into place: the transposition is the slow part, and a
+    COCO object covers a small part of its image.
+    """
+    masks = np.zeros((len(rles), height, width), dtype=np.uint8)
+    if not rles:
+        return masks, np.zeros((0, 4), dtype=np.float32)
+    boxes = mask_utils.toBbox(rles).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    batched = [i for i in range(len(rles)) if not from_file[i]]
+    decoded = mask_utils.decode([rles[i] for i in batched]) if batched else None
+    column = {i: k for k, i in enumerate(batched)}
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(np.int64).tolist()):
+        mask = decoded[:, :, column[i]] if i in column else mask_utils.decode(rles[i])
+        masks[i, y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return masks, boxes
 
 
 def annotations_to_target(annotations, image_id, height, width, label_offset=0):
@@ -225,13 +315,22 @@ def annotations_to_target(annotations, image_id, height, width, label_offset=0):
     the masks, because exported boxes may be missing or disagree with the segmentation.
     """
     kept = [a for a in annotations if not a.get("iscrowd", 0)]
-    masks = np.zeros((len(kept), height, width), dtype=np.uint8)
+    no_shape = {"size": [height, width], "counts": [height * width]}
+    rles = [segmentation_to_rle(a.get("segmentation"), height, width) for a in kept]
+    rles = [mask_utils.frPyObjects(no_shape, height, width) if r is None else r for r in rles]
+    from_file = [isinstance(a.get("segmentation"), dict) for a in kept]
+    masks, boxes = rles_to_masks(rles, from_file, height, width)
     for i, annotation in enumerate(kept):
-        masks[i] = segmentation_to_mask(annotation.get("segmentation"), height, width)
-    boxes = mask_boxes(masks, kept)
+        # pycocotools' box is exact for an RLE without empty runs, which is how it makes them
+        # from polygons; one from the file may hold some (other tools write them), and then
+        # takes a pixel more. An empty mask takes its annotation's bbox.
+        if from_file[i] or not boxes[i, 2:].any():
+            boxes[i] = mask_boxes(masks[i : i + 1], [annotation])[0]
     labels = [a["category_id"] + label_offset for a in kept]
     return {
-        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.from_numpy(boxes), format="XYXY", canvas_size=(height, width)
+        ),
         "masks": tv_tensors.Mask(torch.from_numpy(masks)),
         "labels": torch.tensor(labels, dtype=torch.int64),
         "image_id": image_id,
@@ -245,11 +344,41 @@ def has_usable_annotation(annotations):
     )
 
 
+class PackedRecords:
+    """A read-only sequence of Python objects, each pickled into one shared byte buffer.
+
+    DataLoader workers are forked with the dataset. A list of dicts would be copied into each of
+    them page by page, as reading an item changes the reference counts stored beside it (several
+    GB for COCO train2017); these two numpy arrays are only read, so the pages stay shared.
+    """
+
+    def __init__(self, items):
+        # One growing buffer rather than a bytes object per item: freed, those would leave
+        # holes in the heap, and each worker would copy the pages it then allocates into.
+        stream, ends = io.BytesIO(), [0]
+        for item in items:
+            pickle.dump(item, stream, protocol=pickle.HIGHEST_PROTOCOL)
+            ends.append(stream.tell())
+        self.offsets = np.array(ends, dtype=np.int64)
+        self.buffer = np.frombuffer(stream.getvalue(), dtype=np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        return pickle.loads(self.buffer[self.offsets[index] : self.offsets[index + 1]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images of a COCO annotation file with their targets, for detection and instance masks.
 
     Model labels are category ids plus `label_offset` (by default the file's own, see
     label_offset_of()); pass the training set's to a validation set whose categories differ.
+    Each image and its annotations are kept as one pickled record (see PackedRecords); `coco`,
+    pycocotools' index of the completed file that evaluation needs, is built on first use.
     """
 
     def __init__(
@@ -269,20 +398,32 @@ class CocoDetection(torch.utils.data.Dataset):
         self.sample_seed = sample_seed
         self.epoch = 0
         dataset = read_annotation_file(ann_file)
-        check_dataset(dataset, ann_file, image_dir)
-        dataset = complete_dataset(dataset, image_dir)
-        self.coco = COCO()
-        self.coco.dataset = dataset
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timings
-            self.coco.createIndex()
+        with gc_paused():
+            records = image_records(dataset, ann_file, image_dir)
+            ids = [image["id"] for image, _ in records]
+            rows = sorted(range(len(records)), key=ids.__getitem__)
+            if drop_images_without_objects:
+                rows = [row for row in rows if has_usable_annotation(records[row][1])]
+            self.rows = np.array(rows, dtype=np.int64)
+            self.sizes = np.array(
+                [(records[row][0]["height"], records[row][0]["width"]) for row in rows],
+                dtype=np.int64,
+            ).reshape(-1, 2)
+            self.records = PackedRecords(records)
+            # What stays a Python object, ids and what the file holds besides images and
+            # annotations (categories, info, ...), is copied once the parsed file is gone, so
+            # that no page of the freed heap is pinned by it (and copied by the workers).
+            kept = (
+                [ids[row] for row in rows],
+                {k: v for k, v in dataset.items() if k not in ("images", "annotations")},
+            )
+            kept = pickle.dumps(kept)
+            del dataset, records, ids, rows
+            self.ids, self.header = pickle.loads(kept)
         if label_offset is None:
             label_offset = label_offset_of(self.category_names())
         self.label_offset = label_offset
         self.transforms = transforms
-        ids = sorted(self.coco.imgs)
-        if drop_images_without_objects:
-            ids = [i for i in ids if has_usable_annotation(self.coco.imgToAnns[i])]
-        self.ids = ids
 
     def __len__(self):
         return len(self.ids)
@@ -304,8 +445,7 @@ class CocoDetection(torch.utils.data.Dataset):
         The per-sample seed (`sample_seed`, `epoch`, index) makes augmentations independent of
         the number of workers and of where a resumed epoch starts.
         """
-        image_id = self.ids[index]
-        info = self.coco.imgs[image_id]
+        info, annotations = self.records[self.rows[index]]
         path = image_path(self.image_dir, info["file_name"])
         try:
             image = load_image(path)
@@ -317,15 +457,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{path}: image is {width}x{height} px but {self.ann_file} says "
                 f"{info['width']}x{info['height']}"
             )
-        target = annotations_to_target(
-            self.coco.imgToAnns[image_id], image_id, height, width, self.label_offset
-        )
+        target = annotations_to_target(annotations, info["id"], height, width, self.label_offset)
         if self.transforms is None:
             return image, target
         if self.sample_seed is None:
             return self.transforms(image, target)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.sample_seed, self.epoch, index)) % 2**63)
+            # The CPU generator only: torch.manual_seed also queues a seed for every lazily
+            # initialised accelerator, with a stack trace, which takes longer than a flip.
+            torch.default_generator.manual_seed(hash((self.sample_seed, self.epoch, index)) % 2**63)
             return self.transforms(image, target)
 
     def set_epoch(self, epoch):
@@ -333,13 +473,25 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def aspect_ratios(self):
         """Width / height of each image, read from the annotation file (no image is opened)."""
-        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.ids]
+        return [width / height for height, width in self.sizes.tolist()]
 
     def category_names(self):
         """{category id: name} from the annotation file."""
-        return {
-            c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset.get("categories", [])
-        }
+        return {c["id"]: c.get("name", str(c["id"])) for c in self.header.get("categories", [])}
+
+    @functools.cached_property
+    def coco(self):
+        """pycocotools' index of the completed annotation file (images in the file's order,
+        annotations grouped by image), for the evaluator."""
+        images, annotations = [], []
+        for image, image_annotations in self.records:
+            images.append(image)
+            annotations += image_annotations
+        coco = COCO()
+        coco.dataset = {**self.header, "images": images, "annotations": annotations}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timings
+            coco.createIndex()
+        return coco
 
 
 def image_path(image_dir, file_name):

@@ -3,6 +3,8 @@
 import torch
 from torchvision.transforms import v2 as T
 
+from transforms import SanitizeBoundingBoxes
+
 DATA_AUGMENTATIONS = ("hflip", "lsj", "multiscale", "ssd", "ssdlite")
 
 
@@ -31,15 +33,19 @@ def augmentation_steps(name, min_size, max_size, hflip_prob):
 
 
 class DetectionPresetTrain:
-    """Float image in [0, 1], a recipe's random steps, then objects left without a box dropped."""
+    """A recipe's random steps, objects left without a box dropped, then a float image in [0, 1].
+
+    The steps work on the uint8 image, a quarter of float32's bytes to flip, crop and resize
+    (padding fills 0 either way); 16-bit images arrive as float and stay so.
+    """
 
     def __init__(self, data_augmentation="hflip", min_size=800, max_size=1333, hflip_prob=0.5):
         self.transforms = T.Compose(
             [
-                T.ToDtype(torch.float32, scale=True),
                 *augmentation_steps(data_augmentation, min_size, max_size, hflip_prob),
                 T.ClampBoundingBoxes(),
-                T.SanitizeBoundingBoxes(),
+                SanitizeBoundingBoxes(),
+                T.ToDtype(torch.float32, scale=True),
                 T.ToPureTensor(),
             ]
         )

@@ -21,6 +21,7 @@ The learning rate 0.02 is for 8 GPUs x 2 images; scale it linearly with the tota
 
 import argparse
 import functools
+import gc
 import os
 import random
 import tempfile
@@ -113,6 +114,14 @@ def get_args_parser(add_help=True):
     )
     model.add_argument(
         "--box-batch-size-per-image", type=int, help="RoIs sampled per training image (512)"
+    )
+    model.add_argument(
+        "--box-score-thresh", type=float, help="lowest score of a kept detection (0.05)"
+    )
+    model.add_argument(
+        "--box-nms-thresh",
+        type=float,
+        help="IoU above which a detection suppresses another (0.5); higher keeps touching objects",
     )
     model.add_argument(
         "--anchor-sizes",
@@ -288,6 +297,8 @@ def model_kwargs(args):
             rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
             rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
             box_batch_size_per_image=args.box_batch_size_per_image,
+            box_score_thresh=args.box_score_thresh,
+            box_nms_thresh=args.box_nms_thresh,
         )
         if args.anchor_sizes:
             kwargs["rpn_anchor_generator"] = AnchorGenerator(
@@ -748,13 +759,21 @@ def main(args):
     run_evaluation = functools.partial(
         evaluate_and_report, args, model, data_loader_val, num_classes, device
     )
-    if args.test_only:
-        record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}
-        if checkpoint is not None:
-            record["epoch"] = checkpoint["epoch"]
-        utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
-    else:
-        train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
+    # The loaders fork their workers from this process. A full garbage collection in a worker
+    # writes to every object that exists now, which copies its memory page into the worker
+    # (75 MB each, see benchmarks/memory_bench.py): the collector leaves these alone until the end.
+    gc.collect()
+    gc.freeze()
+    try:
+        if args.test_only:
+            record = {"checkpoint": resume_path, "weights": args.weights, **run_evaluation()}
+            if checkpoint is not None:
+                record["epoch"] = checkpoint["epoch"]
+            utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
+        else:
+            train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
+    finally:
+        gc.unfreeze()
     utils.destroy_distributed()
 
 

@@ -1,7 +1,19 @@
-"""Paired transforms that torchvision.transforms.v2 lacks: copy-paste across a batch."""
+"""Paired transforms that torchvision.transforms.v2 lacks: copy-paste across a batch, and box
+sanitising that copies nothing when every box is kept."""
 
 import torch
 from torchvision.ops import masks_to_boxes
+from torchvision.transforms import v2 as T
+
+
+class SanitizeBoundingBoxes(T.SanitizeBoundingBoxes):
+    """T.SanitizeBoundingBoxes, returning boxes, masks and labels as they are when every box is
+    valid (nearly always): indexing them with an all-true mask copies every mask."""
+
+    def transform(self, inpt, params):
+        if params["valid"].all():
+            return inpt
+        return super().transform(inpt, params)
 
 
 def paste_objects(image, target, source_image, source_target):

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
+from torchvision.transforms import v2 as T
 
 from presets import DATA_AUGMENTATIONS, DetectionPresetEval, DetectionPresetTrain
-from transforms import copy_paste_collate_fn, paste_objects
+from transforms import SanitizeBoundingBoxes, copy_paste_collate_fn, paste_objects
 
 
 def make_sample(height=48, width=64, seed=0):
@@ -86,3 +87,29 @@ def test_copy_paste_collate_returns_batch_of_same_length():
     images, targets = copy_paste_collate_fn(batch)
     assert len(images) == len(targets) == 3
     assert all(t["masks"].shape[0] == len(t["labels"]) for t in targets)
+
+
+def test_sanitize_keeps_valid_objects_as_they_are_and_drops_others_as_torchvision_does():
+    image, target = make_sample()
+    _, kept = SanitizeBoundingBoxes()(image, target)
+    assert all(kept[key] is target[key] for key in ("boxes", "masks", "labels"))
+    target["boxes"][1, 2] = target["boxes"][1, 0]  # no width
+    _, ours = SanitizeBoundingBoxes()(image, target)
+    _, theirs = T.SanitizeBoundingBoxes()(image, target)
+    assert ours["labels"].tolist() == theirs["labels"].tolist() == [1, 1]
+    for key in ("boxes", "masks"):
+        assert torch.equal(ours[key], theirs[key]) and type(ours[key]) is type(theirs[key])
+
+
+def test_recipes_on_uint8_and_float_input_agree():
+    # The recipes run on uint8 images and convert at the end; a flip commutes with that exactly,
+    # a resize up to rounding.
+    image, target = make_sample()
+    for name in ("hflip", "multiscale"):
+        torch.manual_seed(0)
+        from_uint8, _ = DetectionPresetTrain(name, min_size=48, max_size=80)(image, target)
+        torch.manual_seed(0)
+        as_float = T.ToDtype(torch.float32, scale=True)(image)
+        from_float, _ = DetectionPresetTrain(name, min_size=48, max_size=80)(as_float, target)
+        assert from_uint8.shape == from_float.shape
+        assert (from_uint8 - from_float).abs().max() <= (0 if name == "hflip" else 1 / 255)
