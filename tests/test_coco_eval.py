@@ -379,6 +379,28 @@ def test_masks_to_rles_equals_per_mask_encoding(shape):
     assert masks_to_rles(masks) == per_mask_encode(masks)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_to_rles_equals_per_mask_encoding_on_random_masks(dtype):
+    # Foreground confined to some rows (the rows masks_to_rles skips), touching the first or last
+    # row and column, full masks and NaN, in many small shapes.
+    generator = torch.Generator().manual_seed(0)
+    for case in range(150):
+        n, height, width = (int(v) for v in torch.randint(1, 20, (3,), generator=generator))
+        masks = torch.rand(n, 1, height, width, generator=generator) ** (1 + case % 6)
+        if case % 3 == 0:
+            masks[:, :, : height // 2] = 0
+        if case % 4 == 0:
+            masks[:, :, :, width // 2 :] = 0
+        if case % 5 == 0:
+            masks[0] = 1
+        if case % 7 == 0:
+            masks[-1, 0, 0, 0] = float("nan")
+        if case % 11 == 0:
+            masks[-1, 0, -1] = 1
+        masks = masks.to(dtype)
+        assert masks_to_rles(masks) == per_mask_encode(masks.float()), (case, masks.shape)
+
+
 def test_masks_to_rles_of_no_masks():
     assert masks_to_rles(torch.zeros(0, 1, 4, 5)) == []
 
