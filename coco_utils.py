@@ -14,8 +14,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
+
+try:
+    from torchcodec.decoders import decode_image
+# TorchCodec before 0.16 has no image decoders, and one built for another torch fails to load its
+# library: torchvision's decoder then (deprecated since torchvision 0.29).
+except (ImportError, OSError, RuntimeError):
+    from torchvision.io import decode_image
 
 COCO_2017_SPLITS = {
     "train": ("train2017", os.path.join("annotations", "instances_train2017.json")),
@@ -188,22 +194,22 @@ def load_image(path):
         if image.mode in HIGH_BIT_DEPTH_MODES:
             return tv_tensors.Image(scale_high_bit_depth(np.asarray(image)).expand(3, -1, -1))
         if image.mode in FAST_DECODE_MODES.get(image.format, ()):
-            decoded = decode_8_bit(data)
+            decoded = decode_8_bit(data, image.format)
             if decoded is not None:
                 return tv_tensors.Image(decoded)
         return tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
 
 
-def decode_8_bit(data):
-    """torchvision.io's RGB decoding of a PNG or JPEG file's bytes; None for a 16-bit PNG (PIL
-    keeps its high bytes) or a file it cannot read (PIL then says what is wrong with it)."""
-    try:
-        decoded = decode_image(
-            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-        )
-    except RuntimeError:
+def decode_8_bit(data, image_format):
+    """TorchCodec's (or torchvision's) RGB decoding of a PNG or JPEG file's bytes; None for a
+    16-bit PNG (PIL keeps the high bytes, the decoders round or keep 16 bits) or a file they
+    cannot read (PIL then says what is wrong with it)."""
+    if image_format == "PNG" and data[24] == 16:  # IHDR's bit depth; IHDR opens every PNG
         return None
-    return decoded if decoded.dtype == torch.uint8 else None
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+    except (RuntimeError, ValueError):
+        return None
 
 
 def scale_high_bit_depth(array):

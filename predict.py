@@ -36,6 +36,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+import engine
 import train
 import utils
 from coco_eval import masks_to_rles
@@ -174,7 +175,7 @@ def predict_image(model, image, device, score_thresh, labels=None):
 
     With `labels`, detections of other labels (gaps between category ids) are left out.
     """
-    output = model([F.to_dtype(image, torch.float32, scale=True).to(device)])[0]
+    output = model(engine.images_to_device([image], device))[0]
     keep = output["scores"] >= score_thresh
     if labels is not None:
         keep &= torch.isin(output["labels"], torch.tensor(labels, device=keep.device))

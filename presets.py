@@ -1,6 +1,5 @@
 """Augmentation recipes: paired image/target transforms built from torchvision.transforms.v2."""
 
-import torch
 from torchvision.transforms import v2 as T
 
 from transforms import SanitizeBoundingBoxes
@@ -33,10 +32,11 @@ def augmentation_steps(name, min_size, max_size, hflip_prob):
 
 
 class DetectionPresetTrain:
-    """A recipe's random steps, objects left without a box dropped, then a float image in [0, 1].
+    """A recipe's random steps, then objects left without a box dropped.
 
-    The steps work on the uint8 image, a quarter of float32's bytes to flip, crop and resize
-    (padding fills 0 either way); 16-bit images arrive as float and stay so.
+    The image stays uint8 (16-bit images arrive as float in [0, 1] and stay so): a quarter of
+    float32's bytes to flip, crop, resize, send from the loader's workers and copy to the device,
+    where engine.images_to_device makes it float.
     """
 
     def __init__(self, data_augmentation="hflip", min_size=800, max_size=1333, hflip_prob=0.5):
@@ -45,7 +45,6 @@ class DetectionPresetTrain:
                 *augmentation_steps(data_augmentation, min_size, max_size, hflip_prob),
                 T.ClampBoundingBoxes(),
                 SanitizeBoundingBoxes(),
-                T.ToDtype(torch.float32, scale=True),
                 T.ToPureTensor(),
             ]
         )
@@ -55,10 +54,8 @@ class DetectionPresetTrain:
 
 
 class DetectionPresetEval:
-    """No resizing here: the model resizes its input and maps predictions back to the original."""
-
-    def __init__(self):
-        self.transforms = T.Compose([T.ToDtype(torch.float32, scale=True), T.ToPureTensor()])
+    """Plain tensors, nothing else: the model resizes its input and maps predictions back to the
+    original size, and engine.images_to_device makes the image float."""
 
     def __call__(self, image, target):
-        return self.transforms(image, target)
+        return T.ToPureTensor()(image, target)

@@ -4,6 +4,9 @@ sanitising that copies nothing when every box is kept."""
 import torch
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
+
+import utils
 
 
 class SanitizeBoundingBoxes(T.SanitizeBoundingBoxes):
@@ -27,6 +30,9 @@ def paste_objects(image, target, source_image, source_target):
     num_source = len(source_target["labels"])
     if num_source == 0 or image.shape[-2:] != source_image.shape[-2:]:
         return image, target
+    if image.dtype != source_image.dtype:  # an 8-bit and a 16-bit image (float in [0, 1])
+        image = F.to_dtype(image, torch.float32, scale=True)
+        source_image = F.to_dtype(source_image, torch.float32, scale=True)
     count = int(torch.randint(1, num_source + 1, ()))
     chosen = torch.randperm(num_source)[:count]
     pasted_masks = source_target["masks"][chosen].bool()
@@ -55,4 +61,4 @@ def copy_paste_collate_fn(batch):
         paste_objects(images[i], targets[i], images[i - 1], targets[i - 1])
         for i in range(len(images))
     ]
-    return tuple(zip(*pasted, strict=True))
+    return utils.collate_fn(pasted)

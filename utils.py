@@ -128,7 +128,33 @@ class MetricLogger:
 
 
 def collate_fn(batch):
-    return tuple(zip(*batch, strict=True))
+    images, targets = zip(*batch, strict=True)
+    if torch.utils.data.get_worker_info() is not None:
+        images, targets = in_one_shared_buffer(images, targets)
+    return images, targets
+
+
+def in_one_shared_buffer(images, targets):
+    """The batch with all its tensors copied into one shared-memory buffer (views of it), so that
+    a DataLoader worker hands it over as one storage rather than one per tensor (13% more images
+    per second with 2 workers on 2 cores, benchmarks/data_bench.py)."""
+    tensors = [*images, *(v for target in targets for v in target.values() if torch.is_tensor(v))]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    # 64-byte aligned offsets, so that every view keeps its dtype's alignment
+    ends = [0]
+    for size in sizes:
+        ends.append(ends[-1] + (size + 63) // 64 * 64)
+    buffer = torch.empty(ends[-1], dtype=torch.uint8).share_memory_()
+    views = {}
+    for tensor, start, size in zip(tensors, ends[:-1], sizes, strict=True):
+        view = buffer[start : start + size].view(tensor.dtype).view(tensor.shape)
+        views[id(tensor)] = view.copy_(tensor)
+    images = tuple(views[id(image)] for image in images)
+    targets = tuple(
+        {k: views[id(v)] if torch.is_tensor(v) else v for k, v in target.items()}
+        for target in targets
+    )
+    return images, targets
 
 
 # Distributed

@@ -6,8 +6,9 @@ CocoDetection and DetectionPresetTrain, on the same generated images in the same
 
 The images are JPEGs of COCO's sizes with COCO's instance counts (about 7 polygons per image,
 a few images with 50 or more; see synthetic.py). Both pipelines apply the hflip recipe and
-return float images in [0, 1] with boxes, labels and masks, batched as lists; each batch is
-moved to --device as engine.to_device does. Passes alternate between the pipelines, and each
+return images with boxes, labels and masks, batched as lists; each batch is moved to --device
+with engine.to_device, which turns this repo's uint8 images into float there (the reference's
+workers send float images). Passes alternate between the pipelines, and each
 pass starts its own workers, as an epoch does. With 0 workers the pipelines run in this process
 on --threads threads (default 1, as in a worker: on a busy machine, spinning OpenMP threads
 make small tensor operations many times slower). Before timing, both pipelines run with flips
@@ -15,30 +16,24 @@ never and always taken, and their targets are compared image by image.
 """
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import reference  # noqa: E402
 import synthetic  # noqa: E402
 
 import coco_utils  # noqa: E402
 import presets  # noqa: E402
 import utils  # noqa: E402
-from engine import to_device  # noqa: E402
+from engine import images_to_device, to_device  # noqa: E402
 
 PIPELINES = ("reference", "this_repo")
-# torchvision 0.29 deprecates its image decoders (for TorchCodec's); see PERF_NOTES.md.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
 
 
 def get_args_parser():
@@ -98,6 +93,7 @@ def compare_targets(image_dir, ann_file):
         for image_id in common:
             ref_image, ref_target = built["reference"][index["reference"][image_id]]
             image, target = built["this_repo"][index["this_repo"][image_id]]
+            (image,) = images_to_device([image], "cpu")
             largest = max(largest, float((ref_image - image).abs().max()))
             same = (
                 torch.equal(ref_target["boxes"], target["boxes"])
@@ -127,10 +123,6 @@ def one_pass(dataset, collate_fn, workers, args):
     return len(dataset) / (time.perf_counter() - start)
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args):
     torch.set_num_threads(args.threads)
     image_dir, ann_file = synthetic.coco_like_images(args.images, args.seed)
@@ -152,9 +144,10 @@ def main(args):
             "recipe": "hflip",
             "threads": args.threads,
         },
-        "machine": machine(args.device),
+        "machine": common.machine(args.device),
         "images_per_s": {
-            f"workers_{w}": {p: summary(rates[p, w]) for p in PIPELINES} for w in args.workers
+            f"workers_{w}": {p: common.summary(rates[p, w]) for p in PIPELINES}
+            for w in args.workers
         },
         "targets_identical": not problems,
         "problems": problems,
@@ -165,23 +158,11 @@ def main(args):
         speeds = figures["images_per_s"][f"workers_{w}"]
         speeds["speedup"] = speeds["this_repo"]["median"] / speeds["reference"]["median"]
     print_figures(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    common.write_json(args.json, figures)
 
 
 def coco_objects(dataset):
     return sum(len(dataset.records[row][1]) for row in dataset.rows)
-
-
-def machine(device):
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 def print_figures(figures):

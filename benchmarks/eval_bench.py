@@ -23,7 +23,6 @@ import importlib.util
 import io
 import itertools
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
 import coco_eval  # noqa: E402
 
 IOU_TYPES = ("bbox", "segm")
@@ -301,7 +302,7 @@ def compare_backends(dataset, evaluator, repeats):
                 runs = [timed(coco_eval.evaluate_files, args) for _ in range(repeats)]
             stats = np.array([runs[0][1][t] for t in IOU_TYPES])
             figures[name] = {"version": importlib.metadata.version(name), "stats": stats}
-            figures[name].update(summary([seconds for seconds, _ in runs]))
+            figures[name].update(common.summary([seconds for seconds, _ in runs]))
     reference = figures["pycocotools"]["stats"]
     for backend in figures.values():
         stats = backend.pop("stats")
@@ -325,10 +326,6 @@ def memory_growth(coco_gt, objects, args):
     return retained, peak
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args):
     rng = np.random.default_rng(args.seed)
     dataset, objects = make_ground_truth(args.images, args.categories, rng)
@@ -339,8 +336,8 @@ def main(args):
     backend = coco_eval.get_backend(args.eval_backend).name
     runs = [timed_run(coco_gt, objects, args) for _ in range(args.repeats)]
     identical = all(stats["ours"] == stats["baseline"] for _, stats, _ in runs)
-    baseline = summary([seconds["baseline"] for seconds, _, _ in runs])
-    ours = summary([seconds["ours"] for seconds, _, _ in runs])
+    baseline = common.summary([seconds["baseline"] for seconds, _, _ in runs])
+    ours = common.summary([seconds["ours"] for seconds, _, _ in runs])
     retained, peak = memory_growth(coco_gt, objects, args)
     detections = args.images * args.dets
     pixels = sum(image["height"] * image["width"] for image in dataset["images"]) * args.dets
@@ -368,9 +365,7 @@ def main(args):
     if args.compare_backends:
         figures["backends"] = compare_backends(dataset, runs[0][2], args.repeats)
     print_figures(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    common.write_json(args.json, figures)
 
 
 def print_figures(figures):

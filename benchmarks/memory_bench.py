@@ -22,8 +22,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import reference  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -152,10 +151,6 @@ def run_method(method, args):
     return json.loads(output.strip().splitlines()[-1])
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args):
     if args.child:
         run_child(args)
@@ -181,18 +176,21 @@ def main(args):
             "repeats": args.repeats,
             "annotation_file_mib": os.path.getsize(synthetic.coco_sized_annotations()[1]) / MIB,
         },
-        "machine": machine(args.device),
+        "machine": common.machine(args.device),
         "mib": {
             method: {
-                key: {row: summary([get(r, key) / MIB for r in runs[method]]) for row, get in rows}
+                key: {
+                    row: common.summary([get(r, key) / MIB for r in runs[method]])
+                    for row, get in rows
+                }
                 for key in ("pss", "uss", "rss")
             }
             for method in METHODS
         },
         "seconds": {
             method: {
-                "build": summary([r["build_s"] for r in runs[method]]),
-                "pass": summary([r["pass_s"] for r in runs[method]]),
+                "build": common.summary([r["build_s"] for r in runs[method]]),
+                "pass": common.summary([r["pass_s"] for r in runs[method]]),
             }
             for method in METHODS
         },
@@ -204,20 +202,7 @@ def main(args):
         for key in ("pss", "uss", "rss")
     }
     print_figures(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
-
-
-def machine(device):
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "memory_gib": psutil.virtual_memory().total / 2**30,
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    common.write_json(args.json, figures)
 
 
 def print_figures(figures):

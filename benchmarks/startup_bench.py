@@ -15,11 +15,8 @@ line, once both datasets are built.
 """
 
 import argparse
-import json
 import os
-import platform
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import reference  # noqa: E402
 import synthetic  # noqa: E402
 
@@ -141,10 +139,6 @@ def timed_run(method, args):
     return marks
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args):
     if args.as_reference is not None:
         run_train_as_reference(args.as_reference)
@@ -162,15 +156,9 @@ def main(args):
             "annotations": synthetic.COCO_TRAIN2017_ANNOTATIONS,
             "repeats": args.repeats,
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "device": args.device,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
+        "machine": common.machine(args.device),
         "seconds": {
-            method: {key: summary([r[key] for r in runs[method]]) for key in runs[method][0]}
+            method: {key: common.summary([r[key] for r in runs[method]]) for key in runs[method][0]}
             for method in METHODS
         },
     }
@@ -180,9 +168,7 @@ def main(args):
         for key in seconds["this_repo"]
     }
     print_figures(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    common.write_json(args.json, figures)
 
 
 def print_figures(figures):

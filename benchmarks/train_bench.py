@@ -22,14 +22,10 @@ import argparse
 import contextlib
 import copy
 import io
-import json
-import os
-import platform
 import statistics
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import psutil
@@ -37,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import synthetic  # noqa: E402
 
 import coco_utils  # noqa: E402
@@ -46,7 +43,6 @@ import train  # noqa: E402
 import utils  # noqa: E402
 
 MODES = ("bare", "engine")
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
 
 
 def get_args_parser():
@@ -204,10 +200,6 @@ def stub_overhead(args, batches, train_flags):
     return statistics.median(times["engine"]) - statistics.median(times["bare"])
 
 
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,14 +213,7 @@ def main(args):
             "warmup": args.warmup,
             "repeats": args.repeats,
         },
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name() if "cuda" in args.device else None,
-            "torch": torch.__version__,
-        },
+        "machine": common.machine(args.device),
         "precision": {},
     }
     for precision in args.precision:
@@ -242,8 +227,8 @@ def main(args):
                 runs[mode].append(timed_run(mode, model, initial, batches, args, train_flags))
         result = {
             mode: {
-                "iters_per_s": summary([1 / seconds for seconds, _ in runs[mode]]),
-                "peak_memory_mib": summary([peak / 2**20 for _, peak in runs[mode]]),
+                "iters_per_s": common.summary([1 / seconds for seconds, _ in runs[mode]]),
+                "peak_memory_mib": common.summary([peak / 2**20 for _, peak in runs[mode]]),
             }
             for mode in MODES
         }
@@ -256,9 +241,7 @@ def main(args):
         figures["precision"][precision] = result
         del model, initial
     print_figures(figures)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    common.write_json(args.json, figures)
 
 
 def print_figures(figures):

@@ -4,6 +4,7 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2 as T
 
+from engine import images_to_device
 from presets import DATA_AUGMENTATIONS, DetectionPresetEval, DetectionPresetTrain
 from transforms import SanitizeBoundingBoxes, copy_paste_collate_fn, paste_objects
 
@@ -41,7 +42,7 @@ def test_recipes_keep_image_boxes_and_masks_together(name):
     preset = DetectionPresetTrain(name, min_size=48, max_size=80)
     for _ in range(5):
         image, target = preset(*make_sample())
-        assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+        assert image.dtype == torch.uint8 and type(image) is torch.Tensor
         assert target["masks"].shape[-2:] == image.shape[-2:]
         assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
         assert target["image_id"] == 7
@@ -53,15 +54,24 @@ def test_horizontal_flip_mirrors_boxes_and_masks():
     image, target = make_sample()
     flipped_image, flipped = DetectionPresetTrain("hflip", hflip_prob=1.0)(image, target)
     assert torch.equal(flipped["masks"], target["masks"].flip(-1))
-    assert torch.allclose(flipped_image, image.flip(-1).float() / 255)
+    assert torch.equal(flipped_image, image.flip(-1).as_subclass(torch.Tensor))
     assert flipped["boxes"][0].tolist() == [64 - 30, 5, 64 - 4, 20]
 
 
-def test_eval_preset_changes_only_the_dtype():
+def test_eval_preset_returns_plain_tensors_unchanged():
     image, target = make_sample()
     out_image, out_target = DetectionPresetEval()(image, target)
-    assert torch.allclose(out_image * 255, image.float())
+    assert type(out_image) is torch.Tensor
+    assert torch.equal(out_image, image.as_subclass(torch.Tensor))
     assert torch.equal(out_target["boxes"], target["boxes"].as_subclass(torch.Tensor))
+
+
+def test_images_become_float_on_the_device():
+    image, _ = make_sample()
+    as_float = torch.rand(3, 8, 8)  # a 16-bit image, already scaled
+    moved = images_to_device([image, as_float], "cpu")
+    assert moved[0].dtype == torch.float32 and torch.allclose(moved[0] * 255, image.float())
+    assert moved[1] is as_float
 
 
 def test_paste_objects_occludes_and_recomputes_boxes():
@@ -80,6 +90,19 @@ def test_paste_objects_occludes_and_recomputes_boxes():
     kept = new_target["masks"][~pasted].bool()
     assert not (kept & region).any()
     assert_boxes_enclose_masks(new_target, tolerance=0.0)
+
+
+def test_paste_objects_between_an_8_bit_and_a_16_bit_image_gives_float():
+    torch.manual_seed(0)
+    image, target = make_sample(seed=0)
+    source_image, source_target = make_sample(seed=1)
+    source_image = source_image.float() / 255  # as a 16-bit image arrives
+    source_target["labels"] = torch.tensor([5, 6, 7])
+    new_image, new_target = paste_objects(image, target, source_image, source_target)
+    region = new_target["masks"][new_target["labels"] >= 5].bool().any(0)
+    assert new_image.dtype == torch.float32
+    assert torch.equal(new_image[:, region], source_image[:, region])
+    assert torch.allclose(new_image[:, ~region] * 255, image[:, ~region].float())
 
 
 def test_copy_paste_collate_returns_batch_of_same_length():
@@ -102,14 +125,15 @@ def test_sanitize_keeps_valid_objects_as_they_are_and_drops_others_as_torchvisio
 
 
 def test_recipes_on_uint8_and_float_input_agree():
-    # The recipes run on uint8 images and convert at the end; a flip commutes with that exactly,
-    # a resize up to rounding.
+    # 8-bit images go through the recipes as uint8 and 16-bit ones as float; a flip commutes with
+    # the conversion exactly, a resize up to rounding.
     image, target = make_sample()
     for name in ("hflip", "multiscale"):
         torch.manual_seed(0)
         from_uint8, _ = DetectionPresetTrain(name, min_size=48, max_size=80)(image, target)
+        from_uint8 = T.ToDtype(torch.float32, scale=True)(from_uint8)
         torch.manual_seed(0)
         as_float = T.ToDtype(torch.float32, scale=True)(image)
         from_float, _ = DetectionPresetTrain(name, min_size=48, max_size=80)(as_float, target)
-        assert from_uint8.shape == from_float.shape
+        assert from_float.dtype == torch.float32 and from_uint8.shape == from_float.shape
         assert (from_uint8 - from_float).abs().max() <= (0 if name == "hflip" else 1 / 255)
