@@ -71,16 +71,26 @@ def run_ok(argv, env=None):
 
 def run_two_nodes(node_argv, script_argv, env=None):
     """Two launcher processes on localhost, as on two nodes with one process each."""
+    return run_together(
+        [
+            ([*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", *node_argv(node), *script_argv], env)
+            for node in (0, 1)
+        ]
+    )
+
+
+def run_together(commands):
+    """Starts every (argv, env) at once and waits for all; each must exit 0. Their output."""
     processes = [
         subprocess.Popen(
-            [*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", *node_argv(node), *script_argv],
+            argv,
             cwd=ROOT,
             env=env or worker_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )  # fmt: skip
-        for node in (0, 1)
+        for argv, env in commands
     ]
     outputs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in processes]
     for process, output in zip(processes, outputs, strict=True):
@@ -257,28 +267,16 @@ def slurm_job_id_with_free_port():
 def run_like_srun(script_argv, env):
     """Two tasks as `srun --ntasks=2` starts them: SLURM variables only, no launcher."""
     job_id = slurm_job_id_with_free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, *script_argv],
-            cwd=ROOT,
-            env={
-                **env,
-                "SLURM_PROCID": str(task),
-                "SLURM_LOCALID": str(task),
-                "SLURM_NTASKS": "2",
-                "SLURM_JOB_ID": str(job_id),
-                "SLURM_JOB_NODELIST": "localhost",
-            },
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for task in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in processes]
-    for process, output in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, output[-4000:]
-    return "".join(outputs)
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "localhost"}
+    return run_together(
+        [
+            (
+                [sys.executable, *script_argv],
+                {**env, **slurm, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)},
+            )
+            for task in (0, 1)
+        ]
+    )
 
 
 def test_srun_tasks_evaluate_like_one_process_when_a_rank_has_no_detections(
