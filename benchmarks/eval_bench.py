@@ -6,9 +6,10 @@ against coco_eval.CocoEvaluator, on the same generated outputs in the same run.
 The workload is fixed by --seed: images of 320-480 px with polygon ground truth in 80 categories
 (some crowd regions), and per image --dets detections with boxes, scores, labels and [N, 1, H, W]
 float masks that are zero outside their box, as Mask R-CNN pastes them. Generating the outputs is
-not timed. The baseline does what references/detection/coco_eval.py does per batch (threshold,
-encode mask by mask, loadRes and COCOeval.evaluate for the batch's images) and accumulates at the
-end.
+not timed; each evaluator has its own pass over them (generated again, identical), so that
+neither pays for the other's garbage collection or cache contents. The baseline does what
+references/detection/coco_eval.py does per batch (threshold, encode mask by mask, loadRes and
+COCOeval.evaluate for the batch's images) and accumulates at the end.
 
 Also printed: the memory CocoEvaluator keeps, three ways of turning masks into RLE timed alone,
 and with --compare-backends each installed COCOeval backend evaluating the results files.
