@@ -213,12 +213,9 @@ def _rows_to_compare(masks, threshold):
     # pixel would write a byte for each. A NaN propagates into the max and keeps its row.
     foreground = ~(torch.amax(masks, dim=2) <= threshold)
     height = foreground.shape[1]
-    any_foreground = foreground.any(dim=1)
-    first = foreground.byte().argmax(dim=1)
+    first = foreground.byte().argmax(dim=1)  # 0 for an empty mask: argmax takes the first max
     last = height - 1 - foreground.flip(1).byte().argmax(dim=1)
-    stop = torch.clamp(last + 2, max=height)
-    zero = torch.zeros_like(first)
-    first, stop = torch.where(any_foreground, first, zero), torch.where(any_foreground, stop, zero)
+    stop = torch.where(foreground.any(dim=1), torch.clamp(last + 2, max=height), first)
     return first.cpu().numpy(), stop.cpu().numpy()
 
 
