@@ -8,8 +8,8 @@ The images are JPEGs of COCO's sizes with COCO's instance counts (about 7 polygo
 a few images with 50 or more; see synthetic.py). Both pipelines apply the hflip recipe and
 return images with boxes, labels and masks, batched as lists; each batch is moved to --device
 with engine.to_device, which turns this repo's uint8 images into float there (the reference's
-workers send float images). Passes alternate between the pipelines, and each
-pass starts its own workers, as an epoch does. With 0 workers the pipelines run in this process
+workers send float images). Passes alternate between the pipelines, and each pass starts its own
+workers, as an epoch does. With 0 workers the pipelines run in this process
 on --threads threads (default 1, as in a worker: on a busy machine, spinning OpenMP threads
 make small tensor operations many times slower). Before timing, both pipelines run with flips
 never and always taken, and their targets are compared image by image.
@@ -86,11 +86,11 @@ def compare_targets(image_dir, ann_file):
     for hflip_prob in (0.0, 1.0):
         built = {p: build(p, image_dir, ann_file, hflip_prob)[0] for p in PIPELINES}
         index = {p: {i: k for k, i in enumerate(image_ids(p, built[p]))} for p in PIPELINES}
-        common = sorted(index["reference"].keys() & index["this_repo"].keys())
+        shared = sorted(index["reference"].keys() & index["this_repo"].keys())
         for pipeline in PIPELINES:
-            if len(common) != len(index[pipeline]):
-                problems.append(f"{pipeline} has {len(index[pipeline]) - len(common)} more images")
-        for image_id in common:
+            if len(shared) != len(index[pipeline]):
+                problems.append(f"{pipeline} has {len(index[pipeline]) - len(shared)} more images")
+        for image_id in shared:
             ref_image, ref_target = built["reference"][index["reference"][image_id]]
             image, target = built["this_repo"][index["this_repo"][image_id]]
             (image,) = images_to_device([image], "cpu")
@@ -104,7 +104,7 @@ def compare_targets(image_dir, ann_file):
             )
             if not same:
                 problems.append(f"image {image_id} differs with hflip_prob {hflip_prob}")
-    return problems, largest, len(common)
+    return problems, largest, len(shared)
 
 
 def one_pass(dataset, collate_fn, workers, args):
