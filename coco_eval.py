@@ -11,6 +11,10 @@ are positions: they hold the recall at the first, second and third `--max-dets` 
 The stats equal those of pycocotools' COCOeval given the same files and `params.maxDets`, with one
 deliberate difference: pycocotools computes AP over 100 detections whatever maxDets says (-1 when
 100 is not among them); here AP, like every other AP and area-range AR, uses the last maxDets.
+
+Model outputs become COCO results in coco_results; this module evaluates results. The command
+imports numpy and its COCOeval backend, never torch: torch.distributed is imported where
+CocoEvaluator, which the training loop feeds, synchronizes ranks.
 """
 
 import argparse
@@ -23,9 +27,9 @@ import sys
 from typing import NamedTuple
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from pycocotools import mask as mask_util
+
+from coco_results import to_coco_results, to_detections
+from errors import CommandError, ConfigError, DataError
 
 IOU_TYPES = ("bbox", "segm")
 # pip package: (module with COCO, module with the COCOeval class, its name). All follow
@@ -56,10 +60,9 @@ _SUMMARY_ROWS = (
     ("ARl", False, None, "large", 2),
 )
 STAT_NAMES = tuple(row[0] for row in _SUMMARY_ROWS)
-
-
-class InputError(Exception):
-    """A ground-truth or results file that cannot be evaluated."""
+RESULT_KEYS = frozenset(("image_id", "category_id", "score"))
+# Besides RESULT_KEYS, a result needs one of these for its IoU type.
+RESULT_SHAPES = {"bbox": frozenset(("bbox", "segmentation")), "segm": frozenset(("segmentation",))}
 
 
 class Backend(NamedTuple):
@@ -189,162 +192,6 @@ def format_per_category_table(rows, iou_types):
     return "\n".join(lines)
 
 
-def masks_to_rles(masks, threshold=0.5):
-    """Compressed RLEs (pycocotools format, counts as bytes) of [N, 1, H, W] mask probabilities
-    above `threshold`; the same as pycocotools.mask.encode of each thresholded mask."""
-    n, _, height, width = masks.shape
-    if n == 0:
-        return []
-    masks = masks[:, 0].detach()
-    first, stop = _rows_to_compare(masks, threshold)
-    if masks.device.type != "cpu":
-        # Compared where they are, one byte per pixel crosses to the host instead of four.
-        masks = (masks > threshold).cpu()
-    masks = masks.numpy() if masks.dtype == torch.bool else masks.float().numpy()
-    counts = _rle_counts(masks, first, stop, threshold)
-    uncompressed = [{"size": [height, width], "counts": c} for c in counts]
-    return mask_util.frPyObjects(uncompressed, height, width)
-
-
-def _rows_to_compare(masks, threshold):
-    """Per [H, W] mask, the rows [first, stop) that can start a run: from the first row with a
-    pixel above `threshold` to the row after the last one (0, 0 for an empty mask)."""
-    # A max per row reads the masks at memory speed and writes almost nothing; comparing every
-    # pixel would write a byte for each. A NaN propagates into the max and keeps its row.
-    foreground = ~(torch.amax(masks, dim=2) <= threshold)
-    height = foreground.shape[1]
-    first = foreground.byte().argmax(dim=1)  # 0 for an empty mask: argmax takes the first max
-    last = height - 1 - foreground.flip(1).byte().argmax(dim=1)
-    stop = torch.where(foreground.any(dim=1), torch.clamp(last + 2, max=height), first)
-    return first.cpu().numpy(), stop.cpu().numpy()
-
-
-def _rle_counts(masks, first, stop, threshold):
-    """Uncompressed RLE counts (uint32 arrays) of [N, H, W] float masks above `threshold`, or of
-    boolean masks, whose rows outside [first, stop) hold nothing (see _rows_to_compare)."""
-    n, height, width = masks.shape
-    rows, packed = _compare_and_pack(masks, first, stop, threshold)
-    edges = masks[:, [0, -1]]  # first and last rows, where columns meet
-    if edges.dtype != bool:
-        edges = edges > threshold
-    size = height * width
-    # RLE counts are the gaps between run starts, beginning with a run of zeros: each mask's first
-    # pixel starts a run, and again (an empty run of zeros) when it is set.
-    dtype = np.int32 if (n + 1) * size < 2**31 else np.int64  # int32 sorts twice as fast
-    starts = np.concatenate(
-        [
-            _starts_below(packed, rows, height, width).astype(dtype),
-            _starts_across(edges, height).astype(dtype),
-            np.flatnonzero(edges[:, 0, 0]).astype(dtype) * size,
-            np.arange(n + 1, dtype=dtype) * size,
-        ]
-    )
-    starts.sort()
-    counts = np.diff(starts).astype(np.uint32)
-    return np.split(counts, np.searchsorted(starts, np.arange(1, n) * size))
-
-
-def _compare_and_pack(masks, first, stop, threshold):
-    """Rows [first, stop) of each [H, W] mask compared with `threshold` (or taken as they are if
-    boolean) and packed eight pixels to a byte, and their flat indices mask * H + row."""
-    n, height, width = masks.shape
-    spans = stop - first
-    row_bytes = (width + 7) // 8
-    # Rows padded to whole bytes let packbits pack the array flat, twice as fast as row by row.
-    padded = np.empty((spans.sum(), 8 * row_bytes), dtype=bool)
-    padded[:, width:] = False
-    offset = 0
-    for mask, begin, end in zip(masks, first, stop, strict=True):
-        compared = padded[offset : offset + end - begin, :width]
-        if mask.dtype == bool:
-            np.copyto(compared, mask[begin:end])
-        else:
-            np.greater(mask[begin:end], threshold, out=compared)
-        offset += end - begin
-    packed = np.packbits(padded.reshape(-1)).reshape(-1, row_bytes)
-    span_offsets = np.cumsum(spans) - spans
-    rows = np.arange(spans.sum()) + np.repeat(np.arange(n) * height + first - span_offsets, spans)
-    return rows, packed
-
-
-def _starts_below(packed, rows, height, width):
-    """Run starts at pixels unlike the pixel above them, as positions mask * H * W + column * H +
-    row, from the packed `rows` (flat indices); a row not among them holds nothing and has nothing
-    above it."""
-    # Reading columns top to bottom, as RLE does, a run starts where a pixel differs from the one
-    # above it. Finding these in packed rows and sorting the few positions costs a fraction of
-    # transposing every pixel for mask.encode.
-    row_bytes = packed.shape[1]
-    above = np.zeros_like(packed)
-    below_a_row = np.flatnonzero(rows[1:] == rows[:-1] + 1) + 1
-    above[below_a_row] = packed[below_a_row - 1]
-    changed = packed ^ above
-    changed[rows % height == 0] = 0  # a column's first pixel follows the previous column's last
-    changed = changed.reshape(-1)
-    changed_bytes = np.flatnonzero(changed != 0)
-    changed_bits = np.flatnonzero(np.unpackbits(changed[changed_bytes]))
-    packed_row, byte = np.divmod(changed_bytes[changed_bits // 8], row_bytes)
-    mask, row = np.divmod(rows[packed_row], height)
-    column = 8 * byte + changed_bits % 8
-    return mask * (height * width) + column * height + row
-
-
-def _starts_across(edges, height):
-    """Run starts at a column's first pixel when unlike the previous column's last, as positions;
-    `edges` [N, 2, W] holds each mask's first and last row."""
-    n, _, width = edges.shape
-    across = np.flatnonzero(edges[:, 1, :-1] != edges[:, 0, 1:])
-    mask, column = np.divmod(across, max(width - 1, 1))
-    return mask * (height * width) + (column + 1) * height
-
-
-class Detections(NamedTuple):
-    """One image's predictions as kept until evaluation: boxes and RLE, never full masks."""
-
-    boxes: np.ndarray  # [N, 4] XYWH, in the model's float dtype
-    scores: np.ndarray  # [N]
-    category_ids: list
-    mask_size: tuple | None  # (H, W) of the masks
-    mask_counts: list | None  # compressed RLE counts, as str
-
-
-def to_detections(prediction, label_to_category_id=None, with_masks=True):
-    """One image's model output as Detections."""
-    boxes = prediction["boxes"].detach().clone()
-    boxes[:, 2:] -= boxes[:, :2]
-    labels = prediction["labels"].tolist()
-    if label_to_category_id is not None:
-        labels = [label_to_category_id[label] for label in labels]
-    mask_size = mask_counts = None
-    if with_masks:
-        masks = prediction["masks"].detach()
-        mask_size = tuple(masks.shape[-2:])
-        mask_counts = [rle["counts"].decode("ascii") for rle in masks_to_rles(masks)]
-    scores = prediction["scores"].detach().cpu().numpy()
-    return Detections(boxes.cpu().numpy(), scores, labels, mask_size, mask_counts)
-
-
-def to_coco_results(image_id, detections, iou_type):
-    """One image's Detections as COCO results dicts for `iou_type`."""
-    common = zip(detections.category_ids, detections.scores.tolist(), strict=True)
-    if iou_type == "bbox":
-        boxes = detections.boxes.tolist()
-        return [
-            {"image_id": image_id, "category_id": c, "bbox": box, "score": s}
-            for (c, s), box in zip(common, boxes, strict=True)
-        ]
-    size = list(detections.mask_size)
-    return [
-        {
-            "image_id": image_id,
-            "category_id": c,
-            "segmentation": {"size": size, "counts": counts},
-            "score": s,
-        }
-        for (c, s), counts in zip(common, detections.mask_counts, strict=True)
-    ]
-
-
 def merge_detections(per_rank):
     """One {image_id: Detections} from several; an image seen twice counts once."""
     merged = {}
@@ -386,7 +233,8 @@ class CocoEvaluator:
     def synchronize_between_processes(self):
         """Gives every rank the predictions of all ranks (all_gather_object, so gloo works too);
         an image that DistributedSampler's padding sent to two ranks counts once."""
-        if not (dist.is_available() and dist.is_initialized()):
+        dist = _process_group()
+        if dist is None:
             return
         per_rank = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, self.detections)
@@ -404,6 +252,7 @@ class CocoEvaluator:
         """Runs COCOeval per IoU type, prints the standard tables, returns {iou_type: 12 stats}."""
         coco_gt = load_gt(self.backend, self.coco_gt.dataset)
         img_ids = sorted(self.detections)
+        dist = _process_group()
         all_stats = {}
         for iou_type in self.iou_types:
             coco_eval = run_cocoeval(
@@ -412,7 +261,7 @@ class CocoEvaluator:
             self.coco_evals[iou_type] = coco_eval
             all_stats[iou_type], lines = summarize(coco_eval)
             # Every rank holds the merged detections after synchronizing; one table is enough.
-            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            if dist is None or dist.get_rank() == 0:
                 print(f"IoU metric: {iou_type}", *lines, sep="\n")
         return all_stats
 
@@ -429,82 +278,17 @@ class CocoEvaluator:
                 json.dump(self.results(iou_type), f)
 
 
+def _process_group():
+    """torch.distributed when a process group is initialized, else None."""
+    # Imported here, where the training loop's evaluator needs it: the command never does.
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def check_max_dets(max_dets):
     if len(max_dets) != 3 or not 0 < max_dets[0] < max_dets[1] < max_dets[2]:
         raise ValueError(f"max-dets must be three increasing positive numbers, got {max_dets}")
-
-
-def dsb_score(gt_masks_per_image, pred_masks_per_image):
-    """The Data Science Bowl 2018 score: mean over images of the mean over IoU thresholds
-    0.50, 0.55, ..., 0.95 of TP / (TP + FP + FN).
-
-    Each image's masks are a [K, H, W] array (K may be 0) or an [H, W] label image (0 is
-    background, each other value one instance); numpy arrays or tensors. A prediction matches a
-    ground truth when their IoU exceeds the threshold, one to one, highest IoU first (above 0.5
-    the match is unique when masks do not overlap). An image with neither ground truth nor
-    predictions scores 1.0: nothing was there and nothing was found.
-    """
-    scores = [
-        _dsb_image_score(_instance_stack(gt), _instance_stack(pred))
-        for gt, pred in zip(gt_masks_per_image, pred_masks_per_image, strict=True)
-    ]
-    return float(np.mean(scores))
-
-
-def _instance_stack(masks):
-    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if masks.ndim == 2:
-        labels = np.unique(masks)
-        return masks[None] == labels[labels != 0][:, None, None]
-    return masks.astype(bool)
-
-
-def _dsb_image_score(gt, pred):
-    if len(gt) == 0 and len(pred) == 0:
-        return 1.0
-    iou = mask_ious(gt, pred)
-    ratios = []
-    for threshold in np.linspace(0.5, 0.95, 10):
-        tp = _count_one_to_one_matches(iou, threshold)
-        ratios.append(tp / (len(gt) + len(pred) - tp))
-    return float(np.mean(ratios))
-
-
-def mask_ious(gt, pred):
-    """[K, P] IoU between two stacks of [H, W] boolean masks."""
-    # Comparing only masks whose boxes overlap, on the overlap, keeps a few hundred nuclei in a
-    # megapixel image cheap; a dense [K, H*W] @ [H*W, P] product would need gigabytes.
-    iou = np.zeros((len(gt), len(pred)))
-    gt_boxes, pred_boxes = _mask_boxes(gt), _mask_boxes(pred)
-    gt_areas, pred_areas = gt.sum((1, 2)), pred.sum((1, 2))
-    top_left = np.maximum(gt_boxes[:, None, :2], pred_boxes[None, :, :2])
-    bottom_right = np.minimum(gt_boxes[:, None, 2:], pred_boxes[None, :, 2:])
-    for g, p in np.argwhere((top_left < bottom_right).all(-1)):
-        (y0, x0), (y1, x1) = top_left[g, p], bottom_right[g, p]
-        intersection = np.count_nonzero(gt[g, y0:y1, x0:x1] & pred[p, y0:y1, x0:x1])
-        iou[g, p] = intersection / (gt_areas[g] + pred_areas[p] - intersection)
-    return iou
-
-
-def _mask_boxes(masks):
-    # [N, 4] (y0, x0, y1, x1) with exclusive ends; an empty mask gets an empty box.
-    rows, columns = masks.any(2), masks.any(1)
-    first_row, first_column = rows.argmax(1), columns.argmax(1)
-    end_row = rows.shape[1] - rows[:, ::-1].argmax(1)
-    end_column = columns.shape[1] - columns[:, ::-1].argmax(1)
-    boxes = np.stack([first_row, first_column, end_row, end_column], 1)
-    return np.where(rows.any(1)[:, None], boxes, 0)
-
-
-def _count_one_to_one_matches(iou, threshold):
-    candidates = np.argwhere(iou > threshold)
-    order = np.argsort(-iou[candidates[:, 0], candidates[:, 1]], kind="stable")
-    used_gt, used_pred = set(), set()
-    for g, p in candidates[order]:
-        if g not in used_gt and p not in used_pred:
-            used_gt.add(g)
-            used_pred.add(p)
-    return len(used_gt)
 
 
 def get_args_parser():
@@ -549,60 +333,70 @@ def read_json(path):
         with open(path) as f:
             return json.load(f)
     except OSError as e:
-        raise InputError(f"{path}: {e.strerror}") from None
+        raise DataError(f"{path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+        raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_gt(path):
     dataset = read_json(path)
     keys = ("images", "annotations", "categories")
     if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), list) for k in keys):
-        raise InputError(f"{path}: not a COCO annotation file (needs {', '.join(keys)} lists)")
+        raise DataError(f"{path}: not a COCO annotation file (needs {', '.join(keys)} lists)")
     return dataset
 
 
-def read_results(path, iou_type, image_ids):
-    results = read_json(path)
-    needed = ("segmentation",) if iou_type == "segm" else ("bbox", "segmentation")
-    if not isinstance(results, list) or not all(_is_result(r, needed) for r in results):
-        raise InputError(
-            f"{path}: not a COCO results list for {iou_type} (every item needs image_id, "
-            f"category_id, score and {' or '.join(needed)})"
-        )
-    unknown = {r["image_id"] for r in results} - image_ids
-    if unknown:
-        raise InputError(f"{path}: image ids not in the ground truth, e.g. {min(unknown)}")
+def read_results(paths, image_ids):
+    """{iou_type: results list} for {iou_type: path}, every file read once and checked against
+    the ground truth's image ids before anything is evaluated. A file named for two IoU types
+    gives each its own dicts, since loadRes may write into them."""
+    parsed, results = {}, {}
+    for iou_type, path in paths.items():
+        if path in parsed:
+            results[iou_type] = [dict(result) for result in parsed[path]]
+        else:
+            results[iou_type] = parsed[path] = read_json(path)
+        check_results(results[iou_type], path, iou_type, image_ids)
     return results
 
 
-def _is_result(result, needed):
-    return (
-        isinstance(result, dict)
-        and all(k in result for k in ("image_id", "category_id", "score"))
-        and any(k in result for k in needed)
-    )
+def check_results(results, path, iou_type, image_ids):
+    shapes = RESULT_SHAPES[iou_type]
+    # Set operations on the keys views keep this to a small part of parsing the file.
+    if not isinstance(results, list) or not all(
+        type(r) is dict and RESULT_KEYS <= r.keys() and not shapes.isdisjoint(r.keys())
+        for r in results
+    ):
+        raise DataError(
+            f"{path}: not a COCO results list for {iou_type} (every item needs image_id, "
+            f"category_id, score and {' or '.join(sorted(shapes))})"
+        )
+    unknown = {r["image_id"] for r in results} - image_ids
+    if unknown:
+        raise DataError(f"{path}: image ids not in the ground truth, e.g. {min(unknown)}")
 
 
 def evaluate_files(args):
     """Evaluates the files named by the command-line arguments; returns {iou_type: 12 stats}."""
     if len(args.results) not in (1, len(args.iou_types)):
-        raise InputError("--results takes one file, or one per --iou-types entry")
+        raise ConfigError("--results takes one file, or one per --iou-types entry")
+    if len(set(args.iou_types)) < len(args.iou_types):
+        raise ConfigError(f"--iou-types names an IoU type twice: {' '.join(args.iou_types)}")
     check_max_dets(args.max_dets)
     dataset = read_gt(args.ann)
     image_ids = {image["id"] for image in dataset["images"]}
-    results_paths = args.results * len(args.iou_types) if len(args.results) == 1 else args.results
+    paths = args.results * len(args.iou_types) if len(args.results) == 1 else args.results
+    results = read_results(dict(zip(args.iou_types, paths, strict=True)), image_ids)
     backend = get_backend(args.eval_backend)
     coco_gt = load_gt(backend, dataset)
     coco_evals, all_stats = {}, {}
-    for iou_type, path in zip(args.iou_types, results_paths, strict=True):
-        results = read_results(path, iou_type, image_ids)
-        coco_evals[iou_type] = run_cocoeval(backend, coco_gt, results, iou_type, args.max_dets)
+    for iou_type, type_results in results.items():
+        coco_evals[iou_type] = run_cocoeval(backend, coco_gt, type_results, iou_type, args.max_dets)
         all_stats[iou_type], lines = summarize(coco_evals[iou_type])
         print(f"IoU metric: {iou_type}", *lines, sep="\n")
     categories = {category["id"]: category for category in dataset["categories"]}
     rows = per_category_ap(coco_evals, categories)
-    print(format_per_category_table(rows, args.iou_types))
+    print(format_per_category_table(rows, list(coco_evals)))
     return all_stats
 
 
@@ -610,7 +404,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         all_stats = evaluate_files(args)
-    except (InputError, ImportError, ValueError) as e:
+    except (CommandError, ImportError, ValueError) as e:
         print(f"coco_eval.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.out:

@@ -1,4 +1,6 @@
-"""COCO-format datasets: images and annotations as tensors and tv_tensors."""
+"""COCO-format datasets: reading and checking annotation files, decoding images (any bit depth)
+and segmentations (polygons, RLE), and `CocoDetection`, which gives images with their targets as
+tensors and tv_tensors."""
 
 import contextlib
 import functools
@@ -15,6 +17,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
+
+from errors import DataError
 
 try:
     from torchcodec.decoders import decode_image
@@ -33,12 +37,8 @@ COCO_2017_SPLITS = {
 HIGH_BIT_DEPTH_PERCENTILES = (0.1, 99.9)
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 # PIL modes, by format, that torchvision.io decodes to the very pixels of PIL's convert("RGB")
-# (tests/test_coco_utils.py compares them), a fifth faster; others, CMYK included, use PIL.
+# (tests/test_coco_utils.py compares them), and faster; others, CMYK included, use PIL.
 FAST_DECODE_MODES = {"PNG": {"1", "L", "LA", "P", "RGB", "RGBA"}, "JPEG": {"L", "RGB"}}
-
-
-class DataError(Exception):
-    """A problem in the data, described in one line that names the file and the item."""
 
 
 def read_annotation_file(ann_file):
@@ -63,7 +63,7 @@ def read_annotation_file(ann_file):
 @contextlib.contextmanager
 def gc_paused():
     """Holds off the cyclic garbage collector while a parse creates millions of objects without
-    cycles, which it would traverse again and again: COCO train2017's file parses 1.6x as fast."""
+    cycles, which it would traverse again and again (README, Performance)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -471,7 +471,7 @@ class CocoDetection(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed also queues a seed for every lazily
             # initialised accelerator, with a stack trace, which takes longer than a flip.
-            torch.default_generator.manual_seed(hash((self.sample_seed, self.epoch, index)) % 2**63)
+            torch.default_generator.manual_seed(sample_seed(self.sample_seed, self.epoch, index))
             return self.transforms(image, target)
 
     def set_epoch(self, epoch):
@@ -480,6 +480,14 @@ class CocoDetection(torch.utils.data.Dataset):
     def aspect_ratios(self):
         """Width / height of each image, read from the annotation file (no image is opened)."""
         return [width / height for height, width in self.sizes.tolist()]
+
+    def file_name(self, image_id):
+        """The file name of the image with id `image_id`."""
+        return self.records[self.rows[self.index_of_id[image_id]]][0]["file_name"]
+
+    @functools.cached_property
+    def index_of_id(self):
+        return {image_id: index for index, image_id in enumerate(self.ids)}
 
     def category_names(self):
         """{category id: name} from the annotation file."""
@@ -498,6 +506,13 @@ class CocoDetection(torch.utils.data.Dataset):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timings
             coco.createIndex()
         return coco
+
+
+def sample_seed(run_seed, epoch, index):
+    """The seed of one sample's augmentation, drawn from the run seed, epoch and index by
+    numpy's SeedSequence, so that nearby triples give unrelated streams."""
+    state = np.random.SeedSequence((run_seed, epoch, index)).generate_state(1, dtype=np.uint64)
+    return int(state[0]) % 2**63
 
 
 def image_path(image_dir, file_name):

@@ -1,4 +1,6 @@
-"""The training and evaluation loops."""
+"""The training and evaluation loops: `train_one_epoch` and `evaluate`, for any model that speaks
+torchvision's detection interface (losses from `model(images, targets)`, predictions from
+`model(images)`)."""
 
 import contextlib
 import math
@@ -7,11 +9,11 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 import utils
-from coco_eval import dsb_score
+from errors import CommandError
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(CommandError):
+    """A loss that is NaN or infinite; the message names the epoch, iteration and losses."""
 
 
 def autocast(device, enabled):
@@ -51,13 +53,17 @@ def train_one_epoch(
     args,
     scaler=None,
     start_iteration=0,
-    end_of_step=None,
+    stop_flag=None,
+    after_step=None,
+    log_step=None,
 ):
     """One pass over `data_loader`; steps the (per-iteration) scheduler after every optimizer step.
 
-    `start_iteration` numbers the first batch (a resumed epoch); `end_of_step(iterations_done)`
-    runs after every step (mid-epoch checkpoints, stop signals). Returns the average of each
-    loss over the epoch's iterations and all ranks.
+    `start_iteration` numbers the first batch (a resumed epoch). `stop_flag()` says whether this
+    rank was asked to stop; it is ORed over the ranks in the loss reduction, and
+    `after_step(iterations_done, stopping)` runs after every step with the result (mid-epoch
+    checkpoints, stops). Returns the average of each loss over the epoch's iterations and all
+    ranks. `log_step(iteration, losses, lr)` sees every step's losses (TensorBoard).
     """
     model.train()
     logger = utils.MetricLogger()
@@ -70,7 +76,8 @@ def train_one_epoch(
             loss_dict = model(images, targets)
             loss = sum(loss_dict.values())
 
-        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        flag = stop_flag is not None and stop_flag()
+        loss_dict_reduced, stopping = utils.reduce_losses(loss_dict, flag)
         loss_value = sum(loss_dict_reduced.values()).item()
         if not math.isfinite(loss_value):
             values = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict_reduced.items())
@@ -91,57 +98,49 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
-        logger.update(lr=optimizer.param_groups[0]["lr"], loss=loss_value, **loss_dict_reduced)
+        lr = optimizer.param_groups[0]["lr"]
+        logger.update(lr=lr, loss=loss_value, **loss_dict_reduced)
+        if log_step is not None:
+            log_step(iteration, {"loss": loss_value, **loss_dict_reduced}, lr)
         lr_scheduler.step()
-        if end_of_step is not None:
-            end_of_step(iteration + 1)
+        if after_step is not None:
+            after_step(iteration + 1, stopping)
     return {k: v for k, v in logger.global_averages().items() if k != "lr"}
 
 
 @torch.inference_mode()
-def evaluate(
-    model, data_loader, device, evaluator, amp=False, print_freq=100, dsb_score_thresh=None
-):
+def evaluate(model, data_loader, device, evaluator, amp=False, print_freq=100, image_metrics=None):
     """Runs the model over `data_loader` and returns the evaluator's stats per IoU type.
 
-    With `dsb_score_thresh`, stats["dsb"] is also the DSB2018 score of the predicted masks with
-    at least that score, computed image by image so that no mask outlives its batch.
+    `image_metrics` maps names to functions of one image's (target, output), computed image by
+    image so that no mask outlives its batch; stats[name] is then {image_id: value} over all
+    images (gathered from every rank).
     """
     model.eval()
     logger = utils.MetricLogger()
-    dsb_scores = {}
+    image_metrics = image_metrics or {}
+    per_image = {name: {} for name in image_metrics}
     for images, targets in logger.log_every(data_loader, print_freq, "Test:"):
         images = images_to_device(images, device)
         with autocast(device, amp):
             outputs = model(images)
         # Mixed precision returns half-precision boxes and masks; the evaluator works in float32.
-        outputs = [
-            {k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs
-        ]
+        outputs = [{k: _float32(v) for k, v in o.items()} for o in outputs]
         evaluator.update(
             {target["image_id"]: output for target, output in zip(targets, outputs, strict=True)}
         )
-        if dsb_score_thresh is not None:
+        for name, metric in image_metrics.items():
             for target, output in zip(targets, outputs, strict=True):
-                dsb_scores[target["image_id"]] = image_dsb_score(target, output, dsb_score_thresh)
+                per_image[name][target["image_id"]] = metric(target, output)
     evaluator.synchronize_between_processes()
     stats = evaluator.evaluate()
-    if dsb_score_thresh is not None:
-        scores = gather_by_image(dsb_scores)
-        stats["dsb"] = sum(scores.values()) / max(len(scores), 1)
-        utils.print_main(
-            f"DSB2018 score (masks with score >= {dsb_score_thresh}, {len(scores)} images): "
-            f"{stats['dsb']:.4f}"
-        )
+    stats.update({name: gather_by_image(values) for name, values in per_image.items()})
     return stats
 
 
-def image_dsb_score(target, output, score_thresh):
-    """One image's DSB2018 score: its non-empty ground-truth masks against the predicted masks
-    scoring at least `score_thresh`, binarised at 0.5 like the COCO evaluation's."""
-    truth = target["masks"][(target["masks"].flatten(1) != 0).any(1)]
-    predicted = output["masks"][output["scores"] >= score_thresh, 0] > 0.5
-    return dsb_score([truth], [predicted])
+def _float32(value):
+    """Half-precision tensors as float32; anything else (RLE lists of tiled masks) as it is."""
+    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
 
 
 def gather_by_image(values):

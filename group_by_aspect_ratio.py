@@ -28,12 +28,11 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
     batch of the same size, as DistributedSampler pads.
     """
 
-    def __init__(self, group_ids, batch_size, num_replicas=1, rank=0, shuffle=True, seed=0):
+    def __init__(self, group_ids, batch_size, num_replicas=1, rank=0, seed=0):
         self.group_ids = np.asarray(group_ids)
         self.batch_size = batch_size
         self.num_replicas = num_replicas
         self.rank = rank
-        self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
@@ -44,18 +43,14 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         self.start_batch = start_batch
 
     def _chunks(self):
-        order = np.arange(len(self.group_ids))
         rng = np.random.default_rng(self.seed + self.epoch)
-        if self.shuffle:
-            order = rng.permutation(order)
+        order = rng.permutation(len(self.group_ids))
         chunk_size = self.batch_size * self.num_replicas
         chunks = []
         for group in np.unique(self.group_ids):
             members = order[self.group_ids[order] == group]
             chunks += [members[i : i + chunk_size] for i in range(0, len(members), chunk_size)]
-        if self.shuffle:
-            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
-        return chunks
+        return [chunks[i] for i in rng.permutation(len(chunks))]
 
     def _rank_slice(self, chunk):
         per_rank = math.ceil(len(chunk) / self.num_replicas)

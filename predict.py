@@ -4,16 +4,23 @@ r"""Runs a checkpoint written by train.py on images, writing results people and 
 
 --input is one image or a folder (its image files, not its sub-folders). For each image
 <stem>.<ext>, in --output:
-    <stem>_overlay.png  the image with each kept instance's mask (distinct colours), box,
-                        category name and score
+    <stem>_overlay.png  the image (upscaled when small) with each kept instance's mask filled
+                        translucent with its contour, and a caption (score, with the category
+                        name when there are several) where it covers no other instance
+                        (--overlay-text on: everywhere, off: nowhere)
     <stem>_labels.png   instance label image, uint16: 0 is background and k the image's k-th
                         detection by descending score (its k-th record in results.json); where
                         masks overlap the higher score wins, so a fully hidden detection leaves
                         no pixel. --label-format tif writes <stem>_labels.tif instead. Mask models
                         only.
+    <stem>_errors.png   with --ann: ground truth and predictions coloured by error kind
+                        (true positive, missed, extra, split, merged), with a legend
 and once for all images:
     results.json        COCO results: image_id, file_name, category_id, category_name, bbox
                         (x, y, width, height), score and segmentation (compressed RLE)
+    errors.csv          with --ann: each image's counts per error kind and its F1 at IoU 0.5
+                        and 0.7; errors.json holds the summary, printed at the end (see
+                        error_analysis.py for how each kind is decided)
 
 Image ids are 1, 2, ... in sorted file-name order; file_name is the path under --input. A
 detection is kept when its score is at least --score-thresh and its label is one of the
@@ -25,29 +32,35 @@ between their 0.1 and 99.9 percentiles.
 """
 
 import argparse
-import colorsys
+import functools
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_util
 from torchvision.transforms.v2 import functional as F
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 import engine
-import train
-import utils
-from coco_eval import masks_to_rles
-from coco_utils import load_image
+import error_analysis
+import mask_crops
+import models
+import overlays
+from coco_results import MASK_THRESHOLD, prediction_records
+from coco_utils import (
+    image_path,
+    load_image,
+    read_annotation_file,
+    segmentation_to_mask,
+)
+from errors import ConfigError, DataError, one_line_errors
+from progress import progress
+from tiling import TiledModel, check_tiling, rle_to_crop
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-MASK_THRESHOLD = 0.5
-
-
-class InputError(Exception):
-    """Bad input; the message names the file and the problem."""
+# Overlays need each instance's full-size mask; tiled predictions of huge images skip them.
+OVERLAY_BYTES = 2**30
 
 
 def get_args_parser():
@@ -61,7 +74,19 @@ def get_args_parser():
     parser.add_argument(
         "--label-format", default="png", choices=["png", "tif"], help="label image file format"
     )
+    parser.add_argument(
+        "--overlay-text",
+        default="auto",
+        choices=overlays.TEXT_MODES,
+        help="captions on the overlay: auto (only where they cover no other instance), on, off",
+    )
     parser.add_argument("--device", help="cuda when available, else cpu")
+    parser.add_argument(
+        "--ann",
+        help="COCO annotation file of the input images (matched by file name): adds an error "
+        "analysis against it (<stem>_errors.png, errors.csv, errors.json)",
+    )
+    models.add_inference_args(parser)
     return parser
 
 
@@ -70,18 +95,18 @@ def list_images(path):
     if os.path.isfile(path):
         return [check_header(path, os.path.basename(path))]
     if not os.path.isdir(path):
-        raise InputError(f"{path}: no such file or folder")
+        raise DataError(f"{path}: no such file or folder")
     names = sorted(
         name
         for name in os.listdir(path)
         if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
     )
     if not names:
-        raise InputError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     stems = [os.path.splitext(name)[0] for name in names]
     for name, stem in zip(names, stems, strict=True):
         if stems.count(stem) > 1:
-            raise InputError(f"{os.path.join(path, name)}: another image has the stem {stem!r}")
+            raise DataError(f"{os.path.join(path, name)}: another image has the stem {stem!r}")
     return [check_header(os.path.join(path, name), name) for name in names]
 
 
@@ -92,47 +117,8 @@ def check_header(path, name):
         with Image.open(path):
             pass
     except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: cannot read image ({e})") from None
+        raise DataError(f"{path}: cannot read image ({e})") from None
     return path, name
-
-
-def load_checkpoint(path):
-    try:
-        return utils.read_checkpoint(path)
-    except utils.CheckpointError as e:
-        raise InputError(str(e)) from e
-
-
-def build_model(checkpoint, path):
-    """train.get_model with the checkpoint's arguments, holding the checkpoint's weights."""
-    args = train.get_args_parser().parse_args([])
-    vars(args).update(checkpoint["args"])
-    # Everything comes from the checkpoint: no pretrained weights to download or merge.
-    args.weights = args.weights_backbone = args.trainable_backbone_layers = None
-    state = checkpoint["model"]
-    num_classes = checkpoint.get("num_classes") or args.num_classes
-    if num_classes is None and "roi_heads.box_predictor.cls_score.weight" in state:
-        num_classes = len(state["roi_heads.box_predictor.cls_score.weight"])
-    try:
-        model = train.get_model(args, num_classes)
-    except (SystemExit, ValueError) as e:
-        raise InputError(f"{path}: cannot build model {args.model!r} ({e})") from None
-    if not any(k.endswith("num_batches_tracked") for k in state):
-        train.freeze_batch_norm(model)  # trained from pretrained weights, with frozen BatchNorm
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise InputError(f"{path}: weights do not fit {args.model} ({' '.join(first)})") from None
-    return model
-
-
-def distinct_colours(n):
-    """n bright colours, hues spread by the golden ratio so neighbours in the list differ."""
-    return [
-        tuple(round(255 * c) for c in colorsys.hsv_to_rgb((0.13 + 0.618034 * i) % 1, 0.85, 1))
-        for i in range(n)
-    ]
 
 
 def instance_labels(masks):
@@ -144,27 +130,6 @@ def instance_labels(masks):
     return labels
 
 
-def overlay(image, boxes, masks, captions):
-    """The uint8 image with masks, boxes and captions drawn in one colour per instance."""
-    pixels = F.to_dtype(image, torch.uint8, scale=True)
-    if len(boxes) == 0:
-        return pixels
-    colours = distinct_colours(len(boxes))
-    if masks is not None:
-        pixels = draw_segmentation_masks(pixels, masks, alpha=0.45, colors=colours)
-    width = max(1, round(min(pixels.shape[-2:]) / 300))
-    return draw_bounding_boxes(
-        pixels,
-        boxes,
-        labels=captions,
-        colors=colours,
-        width=width,
-        label_colors="black",
-        label_background_colors=colours,
-        fill_labels=True,
-    )
-
-
 def save_array(array, path):
     Image.fromarray(array).save(path)
 
@@ -173,81 +138,187 @@ def save_array(array, path):
 def predict_image(model, image, device, score_thresh, labels=None):
     """The kept detections of one image, on the CPU and ordered by descending score.
 
-    With `labels`, detections of other labels (gaps between category ids) are left out.
+    With `labels`, detections of other labels (gaps between category ids) are left out. A
+    torchvision Mask R-CNN returns its masks as RLE, pasted box by box (mask_crops.py).
     """
-    output = model(engine.images_to_device([image], device))[0]
-    keep = output["scores"] >= score_thresh
+    choose = functools.partial(kept_in_order, score_thresh=score_thresh, labels=labels)
+    mask_crops.keep_freed_memory()
+    if mask_crops.is_mask_rcnn(model):
+        return mask_crops.predict(model, engine.images_to_device([image], device)[0], choose)
+    # A tiled model converts its windows to float one by one, never the whole (large) image.
+    inputs = [image] if isinstance(model, TiledModel) else engine.images_to_device([image], device)
+    output = model(inputs)[0]
+    order = choose(output["scores"], output["labels"])
+    return {k: select(v, order) for k, v in output.items()}
+
+
+def kept_in_order(scores, predicted_labels, score_thresh, labels=None):
+    """Indices (on the CPU) of the detections scoring at least `score_thresh` whose label is
+    among `labels` (any label when None), by descending score."""
+    keep = scores >= score_thresh
     if labels is not None:
-        keep &= torch.isin(output["labels"], torch.tensor(labels, device=keep.device))
-    order = torch.argsort(output["scores"], descending=True)
-    order = order[keep[order]]
-    return {k: v[order].cpu() for k, v in output.items()}
+        keep &= torch.isin(predicted_labels, torch.tensor(labels, device=keep.device))
+    order = torch.argsort(scores, descending=True)
+    return order[keep[order]].cpu()
 
 
-def to_records(detections, image_id, file_name, label_offset, names):
-    """One image's detections as COCO results, with its file name and category names added."""
-    boxes = detections["boxes"].clone()
-    boxes[:, 2:] -= boxes[:, :2]
-    category_ids = [label - label_offset for label in detections["labels"].tolist()]
-    records = [
-        {
-            "image_id": image_id,
-            "file_name": file_name,
-            "category_id": category_id,
-            "category_name": names.get(category_id, str(category_id)),
-            "bbox": [round(v, 2) for v in box],
-            "score": round(score, 5),
-        }
-        for category_id, box, score in zip(
-            category_ids, boxes.tolist(), detections["scores"].tolist(), strict=True
+def select(values, order):
+    """values[order] on the CPU, for tensors and for lists (the RLE masks of tiled inference)."""
+    if isinstance(values, list):
+        return [values[i] for i in order.tolist()]
+    return values[order.to(values.device)].cpu()
+
+
+class GroundTruth:
+    """The instance masks of the images of a COCO annotation file, found by file name (the path
+    under --input, or failing that the base name)."""
+
+    def __init__(self, ann_file):
+        dataset = read_annotation_file(ann_file)
+        self.ann_file = ann_file
+        self.images = {}
+        for image in dataset["images"]:
+            self.images[image_path("", image["file_name"])] = image
+            self.images.setdefault(os.path.basename(image_path("", image["file_name"])), image)
+        self.annotations = {}
+        for annotation in dataset["annotations"]:
+            self.annotations.setdefault(annotation.get("image_id"), []).append(annotation)
+
+    def masks(self, file_name, height, width):
+        """[K, H, W] bool masks of the image's non-crowd objects."""
+        image = self.images.get(image_path("", file_name)) or self.images.get(
+            os.path.basename(file_name)
         )
-    ]
+        if image is None:
+            raise DataError(f"{file_name}: no image of that file name in --ann {self.ann_file}")
+        objects = [a for a in self.annotations.get(image["id"], []) if not a.get("iscrowd", 0)]
+        masks = [segmentation_to_mask(a.get("segmentation"), height, width) for a in objects]
+        return np.array(masks, dtype=bool).reshape(len(masks), height, width)
+
+
+def display(image):
+    """The image as uint8 for drawing (16-bit images are read as float in [0, 1])."""
+    return F.to_dtype(image, torch.uint8, scale=True)
+
+
+def captions_of(records, names):
+    """Score only when there is one category (a name on every nucleus hides the nuclei)."""
+    if len(names) <= 1:
+        return [f"{r['score']:.2f}" for r in records]
+    return [f"{r['category_name']} {r['score']:.2f}" for r in records]
+
+
+def write_outputs(args, stem, image, detections, records, names):
+    """<stem>_overlay.png and, for mask models, <stem>_labels.<format>; returns the [N, H, W]
+    masks, or None when the image is too large to hold them (tiled inference)."""
+    height, width = image.shape[-2:]
+    masks = binary_masks(detections, height, width)
     if "masks" in detections:
-        rles = masks_to_rles(detections["masks"], MASK_THRESHOLD)
-        for record, rle in zip(records, rles, strict=True):
-            record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-    return records
+        save_array(
+            label_image(detections["masks"], height, width), f"{stem}_labels.{args.label_format}"
+        )
+    if masks is None:
+        print(f"{stem}_overlay.png left out: {len(records)} masks of {width}x{height} px exceed "
+              f"{OVERLAY_BYTES >> 20} MiB")  # fmt: skip
+        return None
+    drawn = overlays.draw_instances(
+        display(image), masks, captions_of(records, names), text=args.overlay_text
+    )
+    save_array(drawn, f"{stem}_overlay.png")
+    return masks
+
+
+def binary_masks(detections, height, width):
+    """[N, H, W] boolean masks of the detections (their boxes for a box model), or None when
+    that would take more than OVERLAY_BYTES."""
+    masks = detections.get("masks")
+    if masks is None:
+        return torch.from_numpy(overlays.boxes_to_masks(detections["boxes"], height, width))
+    if not isinstance(masks, list):
+        return masks[:, 0] > MASK_THRESHOLD
+    if len(masks) * height * width > OVERLAY_BYTES:
+        return None
+    decoded = [mask_util.decode(rle).astype(bool) for rle in masks]
+    return torch.from_numpy(np.array(decoded, dtype=bool).reshape(-1, height, width))
+
+
+def label_image(masks, height, width):
+    """uint16 labels: k + 1 on the pixels of detection k, the higher score winning overlaps;
+    RLE masks (tiled inference) are painted box by box, never decoded whole."""
+    if not isinstance(masks, list):
+        return instance_labels(masks[:, 0] > MASK_THRESHOLD).numpy().astype(np.uint16)
+    labels = np.zeros((height, width), dtype=np.uint16)
+    for k in range(len(masks) - 1, -1, -1):
+        x, y, w, h = (int(v) for v in mask_util.toBbox(masks[k]))
+        labels[y : y + h, x : x + w][rle_to_crop(masks[k], y, x, y + h, x + w)] = k + 1
+    return labels
+
+
+def analyse_errors(truth, file_name, image, masks, stem):
+    """The image's error counts against the ground truth; writes <stem>_errors.png."""
+    if masks is None:
+        raise ConfigError(f"{file_name}: too large for --ann; evaluate it with coco_eval.py")
+    gt = truth.masks(file_name, *image.shape[-2:])
+    predicted = masks.numpy()
+    errors = error_analysis.classify(gt, predicted)
+    drawn = overlays.draw_errors(display(image), gt, predicted, errors.gt_kinds, errors.pred_kinds)
+    save_array(drawn, f"{stem}_errors.png")
+    return errors.counts()
+
+
+def write_error_summary(output, file_names, per_image):
+    summary = error_analysis.summarize(per_image)
+    error_analysis.write_csv(os.path.join(output, "errors.csv"), file_names, per_image)
+    with open(os.path.join(output, "errors.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(error_analysis.format_summary(summary))
 
 
 def run(args):
     inputs = list_images(args.input)
-    checkpoint = load_checkpoint(args.weights)
+    truth = GroundTruth(args.ann) if args.ann else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(checkpoint, args.weights).to(device).eval()
+    if args.tile is not None:
+        check_tiling(args.tile, args.tile_overlap)
+    model, checkpoint = models.load_model(args.weights, device)
+    model = models.inference_model(args, model)
+    if truth is not None and not models.predicts_masks(model):
+        raise ConfigError(f"--ann: the error analysis needs a mask model, not {args.weights}")
     names = checkpoint.get("category_names") or {}
     offset = checkpoint.get("label_offset", 0)
     known_labels = [category_id + offset for category_id in names] if names else None
     os.makedirs(args.output, exist_ok=True)
-    results = []
-    for image_id, (path, file_name) in enumerate(inputs, start=1):
+    results, per_image = [], []
+    for image_id, (path, file_name) in enumerate(
+        progress(inputs, desc="predict", unit="image"), start=1
+    ):
         try:
             image = load_image(path)
         except (OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
+            raise DataError(f"{path}: cannot read image ({e})") from None
         detections = predict_image(model, image, device, args.score_thresh, known_labels)
-        records = to_records(detections, image_id, file_name, offset, names)
+        label_to_category = {label: label - offset for label in detections["labels"].tolist()}
+        records = prediction_records(
+            detections, image_id, label_to_category, names, {"file_name": file_name}
+        )
         results.extend(records)
         stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
-        masks = detections["masks"][:, 0] > MASK_THRESHOLD if "masks" in detections else None
-        captions = [f"{r['category_name']} {r['score']:.2f}" for r in records]
-        drawn = overlay(image, detections["boxes"], masks, captions)
-        save_array(drawn.permute(1, 2, 0).numpy(), f"{stem}_overlay.png")
-        if masks is not None:
-            label_image = instance_labels(masks).numpy().astype(np.uint16)
-            save_array(label_image, f"{stem}_labels.{args.label_format}")
-        print(f"{file_name}: image_id {image_id}, {len(records)} detections")
+        masks = write_outputs(args, stem, image, detections, records, names)
+        if truth is not None:
+            per_image.append(analyse_errors(truth, file_name, image, masks, stem))
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f)
-    print(f"wrote {len(inputs)} image(s) and results.json to {args.output}")
+    if truth is not None:
+        write_error_summary(args.output, [name for _, name in inputs], per_image)
+    print(
+        f"wrote {len(inputs)} image(s), {len(results)} detections and results.json to {args.output}"
+    )
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
+    with one_line_errors("predict.py"):
         run(args)
-    except InputError as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -24,34 +24,45 @@ import functools
 import gc
 import os
 import random
+import sys
 import tempfile
 import traceback
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.ops import FrozenBatchNorm2d
 
+import error_analysis
+import models
 import presets
+import recipes
 import utils
-from coco_eval import CocoEvaluator
-from coco_utils import DataError, get_coco, label_to_category_id, split_paths
+from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
+from coco_utils import get_coco, label_to_category_id, split_paths
 from engine import NonFiniteLossError, evaluate, train_one_epoch
+from errors import CheckpointError, CommandError, ConfigError, DataError
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
+from instance_metrics import dsb_image_score, evaluated_instances
+from tiling import check_tiling
 from transforms import copy_paste_collate_fn
 
-# Layers that depend on the number of classes; fine-tuning re-initialises them.
-CLASS_DEPENDENT_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
-# --dsb-score counts predicted masks from this score up, the default of predict.py's
-# --score-thresh, so the score describes the instances predict.py writes.
-DSB_SCORE_THRESH = 0.5
+# --dsb-score and --error-analysis count predicted masks from this score up, the default of
+# predict.py's --score-thresh, so they describe the instances predict.py writes.
+INSTANCE_SCORE_THRESH = 0.5
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=add_help)
+    add_data_args(parser)
+    models.add_model_args(parser)
+    add_optimization_args(parser)
+    add_runtime_args(parser)
+    add_evaluation_args(parser)
+    models.add_inference_args(parser)
+    add_distributed_args(parser)
+    return parser
 
+
+def add_data_args(parser):
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data-path", default="./datasets/coco", help="dataset root (COCO 2017 layout)"
@@ -88,50 +99,8 @@ def get_args_parser(add_help=True):
         help="batch images of similar aspect ratio, in 2k+2 groups; negative turns grouping off",
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="maskrcnn_resnet50_fpn", help="torchvision model name")
-    model.add_argument(
-        "--weights", help="torchvision weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a file"
-    )
-    model.add_argument("--weights-backbone", help="torchvision backbone weights name")
-    model.add_argument(
-        "--num-classes",
-        type=int,
-        help="classes including background (default: largest category id + 1; 91 for COCO)",
-    )
-    model.add_argument("--trainable-backbone-layers", type=int, help="0-5; with pretrained weights")
-    model.add_argument("--min-size", type=int, help="shorter image side fed to the model (800)")
-    model.add_argument("--max-size", type=int, help="longer image side limit (1333)")
-    model.add_argument(
-        "--box-detections-per-img", default=100, type=int, help="detections kept per image"
-    )
-    model.add_argument("--rpn-score-thresh", type=float, help="RPN proposal score threshold")
-    model.add_argument(
-        "--rpn-post-nms-top-n-train", type=int, help="RPN proposals kept in training (2000)"
-    )
-    model.add_argument(
-        "--rpn-post-nms-top-n-test", type=int, help="RPN proposals kept at inference (1000)"
-    )
-    model.add_argument(
-        "--box-batch-size-per-image", type=int, help="RoIs sampled per training image (512)"
-    )
-    model.add_argument(
-        "--box-score-thresh", type=float, help="lowest score of a kept detection (0.05)"
-    )
-    model.add_argument(
-        "--box-nms-thresh",
-        type=float,
-        help="IoU above which a detection suppresses another (0.5); higher keeps touching objects",
-    )
-    model.add_argument(
-        "--anchor-sizes",
-        type=int,
-        nargs="+",
-        help="RPN anchor size in pixels (of the resized image) for each of the 5 FPN levels "
-        "(default 32 64 128 256 512); 8 16 32 64 128 for objects under about 32 px",
-    )
-    model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm under DDP")
 
+def add_optimization_args(parser):
     optim = parser.add_argument_group("optimization")
     optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per device")
     optim.add_argument("--epochs", default=26, type=int, help="epochs to train")
@@ -159,7 +128,10 @@ def get_args_parser(add_help=True):
     )
     optim.add_argument("--amp", action="store_true", help="mixed precision training")
 
+
+def add_runtime_args(parser):
     runtime = parser.add_argument_group("runtime")
+    recipes.add_config_arg(runtime)
     runtime.add_argument("--device", help="cuda when available, else cpu")
     runtime.add_argument("--output-dir", default=".", help="checkpoints and log.jsonl go here")
     runtime.add_argument(
@@ -179,12 +151,6 @@ def get_args_parser(add_help=True):
     )
     runtime.add_argument("--print-freq", default=20, type=int, help="iterations between log lines")
     runtime.add_argument("--test-only", action="store_true", help="only evaluate")
-    runtime.add_argument(
-        "--dsb-score",
-        action="store_true",
-        help="mask models: also report the DSB2018 score of the masks predicted with score "
-        f">= {DSB_SCORE_THRESH}",
-    )
     runtime.add_argument("--seed", type=int, help="seed for weights, sampling and augmentation")
     runtime.add_argument(
         "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
@@ -192,7 +158,46 @@ def get_args_parser(add_help=True):
     runtime.add_argument(
         "--debug", action="store_true", help="print the traceback behind an error message"
     )
+    runtime.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log losses, evaluations, PR curves and predictions to <output-dir>/tensorboard",
+    )
 
+
+def add_evaluation_args(parser):
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument(
+        "--eval-every",
+        default=1,
+        type=int,
+        help="evaluate every N epochs (the last epoch always evaluates)",
+    )
+    evaluation.add_argument(
+        "--best-metric",
+        help="what model_best.pth is best at: IOU_TYPE/STAT (segm/AP, bbox/AP50, ...), dsb, or "
+        "errors/f1_iou50 (default: segm/AP for mask models, else bbox/AP)",
+    )
+    evaluation.add_argument(
+        "--patience",
+        type=int,
+        help="stop when --best-metric has not improved for N evaluations",
+    )
+    evaluation.add_argument(
+        "--dsb-score",
+        action="store_true",
+        help="mask models: also report the DSB2018 score of the masks predicted with score "
+        f">= {INSTANCE_SCORE_THRESH}",
+    )
+    evaluation.add_argument(
+        "--error-analysis",
+        action="store_true",
+        help="mask models: count true positive, missed, extra, split and merged objects (masks "
+        f"with score >= {INSTANCE_SCORE_THRESH}) and F1 at IoU 0.5 and 0.7; errors.csv per image",
+    )
+
+
+def add_distributed_args(parser):
     distributed = parser.add_argument_group("distributed")
     distributed.add_argument(
         "--dist-url", default="env://", help="process group init method (env:// or tcp://HOST:PORT)"
@@ -218,7 +223,6 @@ def get_args_parser(add_help=True):
         type=int,
         help="set by torch.distributed.launch without --use_env",
     )
-    return parser
 
 
 def check_args(args):
@@ -233,20 +237,61 @@ def check_args(args):
         problems.append("--lr must be positive")
     if args.workers < 0:
         problems.append("--workers must not be negative")
-    for flag in ("keep_last", "checkpoint_every"):
+    for flag in ("keep_last", "checkpoint_every", "patience", "eval_every"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_classes is not None and args.num_classes < 2:
         problems.append("--num-classes must be at least 2 (background and one class)")
     if args.anchor_sizes and (len(args.anchor_sizes) != 5 or min(args.anchor_sizes) < 1):
         problems.append("--anchor-sizes takes 5 positive sizes, one per FPN level")
-    if args.dsb_score and "maskrcnn" not in args.model:
-        problems.append("--dsb-score needs a mask model (maskrcnn_*)")
+    for flag in ("dsb_score", "error_analysis"):
+        if getattr(args, flag) and not models.is_mask_model(args.model):
+            problems.append(f"--{flag.replace('_', '-')} needs a mask model, not {args.model}")
+    if args.best_metric is not None and not valid_metric_name(args.best_metric):
+        problems.append(
+            f"--best-metric {args.best_metric}: use IOU_TYPE/STAT (e.g. segm/AP, bbox/AP50), "
+            "dsb or errors/f1_iou50"
+        )
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise ConfigError("; ".join(problems))
+    if args.tile is not None:
+        check_tiling(args.tile, args.tile_overlap)
 
 
-def seed_everything(seed):
+def valid_metric_name(name):
+    kind, _, stat = name.partition("/")
+    if kind in IOU_TYPES:
+        return stat in STAT_NAMES
+    return name == "dsb" or (kind == "errors" and stat in ("f1_iou50", "f1_iou70"))
+
+
+def best_metric_of(args):
+    if args.best_metric:
+        return args.best_metric
+    return "segm/AP" if models.is_mask_model(args.model) else "bbox/AP"
+
+
+def metric_value(record, name):
+    """The value of metric `name` in an evaluation record, or None when it was not computed."""
+    kind, _, stat = name.partition("/")
+    if kind in IOU_TYPES:
+        stats = record.get(kind)
+        return None if stats is None else stats[STAT_NAMES.index(stat)]
+    if kind == "errors":
+        return record.get("errors", {}).get(stat)
+    return record.get(name)
+
+
+def seed_run(args, checkpoint):
+    """Sets args.seed (--seed, else the resumed run's, else one drawn now and printed, the same
+    on every rank) and seeds each rank's generators with seed + rank. The seed is saved with the
+    args in every checkpoint, so a run can be resumed exactly and repeated."""
+    if args.seed is None and checkpoint is not None:
+        args.seed = checkpoint["args"].get("seed")
+    if args.seed is None:
+        args.seed = utils.broadcast_from_main(random.SystemRandom().randrange(2**31))
+        utils.print_main(f"seed: {args.seed} (drawn for this run; --seed {args.seed} repeats it)")
+    seed = args.seed + args.rank
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -262,147 +307,24 @@ def get_dataset(args, split, label_offset=None):
     if not os.path.isdir(args.data_path) and not (
         getattr(args, f"{split}_ann") and getattr(args, f"{split}_images")
     ):
-        raise SystemExit(f"error: --data-path {args.data_path}: no such folder")
+        raise ConfigError(f"--data-path {args.data_path}: no such folder")
     if not os.path.isdir(image_dir):
-        raise SystemExit(f"error: {image_dir}: no such folder ({split} images)")
+        raise DataError(f"{image_dir}: no such folder ({split} images)")
     if split == "train":
         transforms = presets.DetectionPresetTrain(
             args.data_augmentation, min_size=args.min_size or 800, max_size=args.max_size or 1333
         )
-        # Augmentations draw from per-sample seeds; without --seed, from a fresh one per run.
-        sample_seed = args.seed if args.seed is not None else random.randrange(2**31)
+        sample_seed = args.seed  # augmentations draw from per-sample seeds derived from it
     else:
         transforms, sample_seed = presets.DetectionPresetEval(), None
     try:
         dataset = get_coco(args, split, transforms, label_offset, sample_seed)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from e
     except OSError as e:  # an image whose size the file leaves out, read from its header
-        raise SystemExit(f"error: {ann_file}: {e}") from e
+        raise DataError(f"{ann_file}: {e}") from e
     if len(dataset) == 0:
         usable = " with a usable (non-crowd, non-empty) object" if split == "train" else ""
-        raise SystemExit(f"error: {ann_file}: no image{usable} ({split} split)")
+        raise DataError(f"{ann_file}: no image{usable} ({split} split)")
     return dataset
-
-
-def model_kwargs(args):
-    """Keyword arguments for the torchvision builder; unset options keep torchvision's defaults."""
-    kwargs = {"min_size": args.min_size, "max_size": args.max_size}
-    if args.trainable_backbone_layers is not None:
-        kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
-    if "rcnn" in args.model:
-        kwargs.update(
-            box_detections_per_img=args.box_detections_per_img,
-            rpn_score_thresh=args.rpn_score_thresh,
-            rpn_post_nms_top_n_train=args.rpn_post_nms_top_n_train,
-            rpn_post_nms_top_n_test=args.rpn_post_nms_top_n_test,
-            box_batch_size_per_image=args.box_batch_size_per_image,
-            box_score_thresh=args.box_score_thresh,
-            box_nms_thresh=args.box_nms_thresh,
-        )
-        if args.anchor_sizes:
-            kwargs["rpn_anchor_generator"] = AnchorGenerator(
-                sizes=tuple((s,) for s in args.anchor_sizes),
-                aspect_ratios=((0.5, 1.0, 2.0),) * len(args.anchor_sizes),
-            )
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def get_model(args, num_classes):
-    """Builds `args.model`; `--weights` may name torchvision weights or a local file."""
-    kwargs = model_kwargs(args)
-    if args.weights and not os.path.isfile(args.weights):
-        try:
-            weights = torchvision.models.get_weight(args.weights)
-        except (ValueError, KeyError):
-            raise SystemExit(
-                f"error: --weights {args.weights}: neither a file nor a torchvision weights name"
-            ) from None
-        model = torchvision.models.get_model(args.model, weights=weights, **kwargs)
-        if len(weights.meta["categories"]) != num_classes:
-            replace_predictors(model, num_classes)
-        return model
-    model = torchvision.models.get_model(
-        args.model,
-        weights=None,
-        weights_backbone=args.weights_backbone,
-        num_classes=num_classes,
-        **kwargs,
-    )
-    if args.weights:
-        load_fitting_weights(model, args.weights)
-    return model
-
-
-def replace_predictors(model, num_classes):
-    """Fresh class-dependent layers of an R-CNN model, for fine-tuning to another class count.
-
-    The mask predictor keeps its class-independent upsampling layer (conv5_mask).
-    """
-    heads = getattr(model, "roi_heads", None)
-    if heads is None:
-        raise SystemExit("error: fine-tuning to another number of classes needs an R-CNN model")
-    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
-    replaced = ["roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"]
-    if heads.has_mask():
-        logits = torch.nn.Conv2d(heads.mask_predictor.conv5_mask.out_channels, num_classes, 1)
-        # MaskRCNNPredictor's initialisation.
-        torch.nn.init.kaiming_normal_(logits.weight, mode="fan_out", nonlinearity="relu")
-        torch.nn.init.zeros_(logits.bias)
-        heads.mask_predictor.mask_fcn_logits = logits
-        replaced.append("roi_heads.mask_predictor.mask_fcn_logits")
-    print_reinitialised(replaced)
-
-
-def print_reinitialised(layers):
-    utils.print_main(f"re-initialised (class count differs): {', '.join(layers)}")
-
-
-def freeze_batch_norm(module):
-    """Swaps BatchNorm2d layers for FrozenBatchNorm2d, as torchvision builds pretrained models."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.BatchNorm2d):
-            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
-        else:
-            freeze_batch_norm(child)
-
-
-def load_fitting_weights(model, path):
-    """Loads a state dict or checkpoint file, re-initialising class-dependent layers that differ.
-
-    Any other difference is an error naming the tensor.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --weights {path}: not a loadable checkpoint ({e})") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise SystemExit(f"error: --weights {path}: holds no state dict (or 'model' entry)")
-    if not any(k.endswith("num_batches_tracked") for k in state):
-        freeze_batch_norm(model)  # saved from a model with frozen BatchNorm (pretrained)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise SystemExit(
-            f"error: --weights {path}: not weights of this {type(model).__name__}: "
-            f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    reinitialised = []
-    for key, value in state.items():
-        if value.shape == own[key].shape:
-            continue
-        if not key.startswith(CLASS_DEPENDENT_PREFIXES):
-            raise SystemExit(
-                f"error: --weights {path}: tensor {key} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(own[key].shape)}"
-            )
-        reinitialised.append(key)
-    model.load_state_dict({k: v for k, v in state.items() if k not in reinitialised}, strict=False)
-    if reinitialised:
-        print_reinitialised(list(dict.fromkeys(k.rsplit(".", 1)[0] for k in reinitialised)))
 
 
 def get_optimizer(args, model):
@@ -477,7 +399,7 @@ def get_data_loaders(args, dataset, dataset_val):
         args.batch_size,
         num_replicas=args.world_size,
         rank=args.rank,
-        seed=args.seed or 0,
+        seed=args.seed,
     )
     data_loader = torch.utils.data.DataLoader(
         dataset,
@@ -507,22 +429,17 @@ def describe_categories(dataset, num_classes):
 def check_num_classes(num_classes, dataset):
     largest = max(dataset.category_names(), default=0) + dataset.label_offset
     if num_classes <= largest:
-        raise SystemExit(
-            f"error: --num-classes {num_classes} is too small: category label {largest} needs "
+        raise ConfigError(
+            f"--num-classes {num_classes} is too small: category label {largest} needs "
             f"at least {largest + 1} (background included)"
         )
-
-
-def iou_types_of(model):
-    heads = getattr(model, "roi_heads", None)
-    return ["bbox", "segm"] if heads is not None and heads.has_mask() else ["bbox"]
 
 
 def make_evaluator(args, model, dataset_val, num_classes):
     max_dets = (1, 10, max(100, args.box_detections_per_img))
     return CocoEvaluator(
         dataset_val.coco,
-        iou_types_of(model),
+        models.iou_types_of(model),
         max_dets=max_dets,
         label_to_category_id=label_to_category_id(dataset_val.label_offset, num_classes),
     )
@@ -545,15 +462,15 @@ def load_checkpoint(path, args):
     """A checkpoint of this repo for args.model, or a one-line error saying what it is not."""
     try:
         checkpoint = utils.read_checkpoint(path)
-    except utils.CheckpointError as e:
-        raise SystemExit(f"error: --resume {e}") from e
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {e.message}") from e
     saved_model = checkpoint["args"].get("model")
     if saved_model != args.model:
-        raise SystemExit(f"error: --resume {path}: a {saved_model} checkpoint, not {args.model}")
+        raise CheckpointError(f"--resume {path}: a {saved_model} checkpoint, not {args.model}")
     saved_classes = checkpoint.get("num_classes")
     if args.num_classes is not None and saved_classes != args.num_classes:
-        raise SystemExit(
-            f"error: --resume {path}: trained for {saved_classes} classes, "
+        raise CheckpointError(
+            f"--resume {path}: trained for {saved_classes} classes, "
             f"--num-classes is {args.num_classes}"
         )
     return checkpoint
@@ -572,8 +489,8 @@ def resume_training_state(checkpoint, optimizer, lr_scheduler, scaler, iters_per
     if checkpoint.get("iters_per_epoch") == iters_per_epoch:
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     elif start[1] > 0:
-        raise SystemExit(
-            "error: a mid-epoch checkpoint resumes only with the world size and batch size "
+        raise CheckpointError(
+            "a mid-epoch checkpoint resumes only with the world size and batch size "
             f"that wrote it ({checkpoint.get('iters_per_epoch')} iterations per epoch, "
             f"now {iters_per_epoch})"
         )
@@ -595,12 +512,7 @@ def check_output_dir(path):
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise SystemExit(f"error: --output-dir {path}: cannot write there ({e.strerror})") from e
-
-
-def one_line(error):
-    """The message of a DataError, also when a DataLoader worker re-raised it with its trace."""
-    return str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+        raise ConfigError(f"--output-dir {path}: cannot write there ({e.strerror})") from e
 
 
 def setup(args):
@@ -610,7 +522,7 @@ def setup(args):
     if args.device is None:
         args.device = "cpu" if cpu_fallback else "cuda"
     if args.sync_bn and not args.device.startswith("cuda"):
-        raise SystemExit("error: --sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     check_output_dir(args.output_dir)
     utils.init_distributed_mode(args)
     if cpu_fallback:
@@ -620,8 +532,6 @@ def setup(args):
     if args.use_deterministic_algorithms:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    if args.seed is not None:
-        seed_everything(args.seed + args.rank)
     return torch.device(args.device)
 
 
@@ -641,7 +551,7 @@ def get_datasets(args, checkpoint):
 
 def build_model(args, num_classes, device, checkpoint):
     """The model on `device`, wrapped in DDP when distributed (the bare model is `.module`)."""
-    model = get_model(args, num_classes).to(device)
+    model = models.get_model(args, num_classes).to(device)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if checkpoint is not None:
@@ -652,26 +562,67 @@ def build_model(args, num_classes, device, checkpoint):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def evaluate_and_report(args, model, data_loader_val, num_classes, device):
-    """Evaluates, prints AP per category and writes the results files; returns the stats."""
+def evaluate_and_report(args, model, data_loader_val, num_classes, device, board=None):
+    """Evaluates, prints AP per category and the DSB score and error summary when asked, writes
+    the results files (and the epoch's TensorBoard entries to `board`); returns the stats."""
     dataset_val = data_loader_val.dataset
     bare_model = getattr(model, "module", model)
     evaluator = make_evaluator(args, bare_model, dataset_val, num_classes)
-    dsb_thresh = DSB_SCORE_THRESH if args.dsb_score else None
     stats = evaluate(
-        model, data_loader_val, device, evaluator, args.amp, dsb_score_thresh=dsb_thresh
-    )
+        models.inference_model(args, model), data_loader_val, device, evaluator, args.amp,
+        image_metrics=image_metrics(args),
+    )  # fmt: skip
+    if "dsb" in stats:
+        scores = stats["dsb"]
+        stats["dsb"] = sum(scores.values()) / max(len(scores), 1)
+        utils.print_main(
+            f"DSB2018 score (masks with score >= {INSTANCE_SCORE_THRESH}, {len(scores)} images): "
+            f"{stats['dsb']:.4f}"
+        )
+    if "errors" in stats:
+        stats["errors"] = report_errors(args, dataset_val, stats["errors"])
     if utils.is_main_process():
         print(evaluator.per_category_table())
         evaluator.write_results(args.output_dir)
+    if board is not None:
+        board.log_evaluation(stats, evaluator, getattr(model, "module", model), dataset_val)
     return stats
 
 
+def image_metrics(args):
+    """The per-image metrics evaluation computes: {name: function of (target, output)}."""
+
+    def dsb(target, output):
+        return dsb_image_score(*evaluated_instances(target, output, INSTANCE_SCORE_THRESH))
+
+    def errors(target, output):
+        return error_analysis.classify(
+            *evaluated_instances(target, output, INSTANCE_SCORE_THRESH)
+        ).counts()
+
+    metrics = {"dsb": dsb} if args.dsb_score else {}
+    if args.error_analysis:
+        metrics["errors"] = errors
+    return metrics
+
+
+def report_errors(args, dataset_val, per_image):
+    """Prints the error summary and writes errors.csv (per image, by file name); returns the
+    summary."""
+    summary = error_analysis.summarize(list(per_image.values()))
+    if utils.is_main_process():
+        print(error_analysis.format_summary(summary))
+        names = [dataset_val.file_name(image_id) for image_id in per_image]
+        path = os.path.join(args.output_dir, "errors.csv")
+        error_analysis.write_csv(path, names, list(per_image.values()))
+    return summary
+
+
 def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation):
-    """The epochs: training, checkpoints (at epoch ends, every --checkpoint-every iterations and
-    on SIGTERM/SIGUSR1), evaluation and log.jsonl."""
+    """The epochs: train, save, evaluate, log. Checkpoints are written at epoch ends, every
+    --checkpoint-every iterations and on SIGTERM/SIGUSR1 (see utils.Checkpointer); the best
+    evaluated epoch is kept as model_best.pth, and --patience ends a run that stopped improving."""
     model_without_ddp = getattr(model, "module", model)
-    dataset = data_loader.dataset
     optimizer = get_optimizer(args, model_without_ddp)
     iters_per_epoch = data_loader.batch_sampler.batches_per_epoch()
     lr_scheduler = get_lr_scheduler(args, optimizer, iters_per_epoch)
@@ -683,76 +634,144 @@ def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluat
         )
         if "rng" in checkpoint:
             utils.set_rng_states(checkpoint["rng"])
-
-    def training_state(epoch, iteration=None):
-        state = {
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "epoch": epoch,
-            "args": vars(args),
-            "iters_per_epoch": iters_per_epoch,
-            "num_classes": num_classes,
-            "category_names": dataset.category_names(),
-            "label_offset": dataset.label_offset,
-            "rng": utils.rng_states(),
-        }
-        if iteration is not None:
-            state["iteration"] = iteration
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        return state
-
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    stop = utils.StopSignal()  # from here on, SIGTERM/SIGUSR1 stop after a checkpoint
-
-    def exit_if_stopped():
-        if stop.requested():
-            utils.print_main(f"stopped by a signal; exit code {stop.exit_code()}")
-            utils.destroy_distributed()
-            raise SystemExit(stop.exit_code())
-
-    try:
+    training = {"model": model_without_ddp, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
+    training["scaler"] = scaler
+    metadata = checkpoint_metadata(args, data_loader.dataset, num_classes, iters_per_epoch)
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    best = best_so_far(args, log_path, start_epoch)
+    board = TrainingBoard(args, iters_per_epoch)
+    with utils.StopSignal() as stop, board:
+        checkpointer = utils.Checkpointer(
+            args.output_dir, training, metadata, iters_per_epoch, stop,
+            every=args.checkpoint_every, keep_last=args.keep_last,
+        )  # fmt: skip
         for epoch in range(start_epoch, args.epochs):
-            exit_if_stopped()
-
-            def end_of_step(done, epoch=epoch):
-                every = args.checkpoint_every
-                stopping = stop.requested()
-                if stopping or (every and done % every == 0 and done < iters_per_epoch):
-                    utils.save_on_master(training_state(epoch, done), checkpoint_path)
-                if stopping:
-                    exit_if_stopped()
-
-            dataset.set_epoch(epoch)
+            stop.exit_if_requested()
             first = start_iteration if epoch == start_epoch else 0
-            data_loader.batch_sampler.set_epoch(epoch, start_batch=first)
             lr = optimizer.param_groups[0]["lr"]
-            try:
-                train_stats = train_one_epoch(
-                    model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler,
-                    start_iteration=first, end_of_step=end_of_step,
-                )  # fmt: skip
-            except NonFiniteLossError as e:
-                raise SystemExit(f"error: {e}; earlier checkpoints are intact") from e
-            except DataError as e:
-                raise SystemExit(f"error: {one_line(e)}") from e
-            utils.save_on_master(training_state(epoch), checkpoint_path)
-            utils.link_or_copy_on_master(
-                checkpoint_path, os.path.join(args.output_dir, f"model_{epoch}.pth")
-            )
-            utils.prune_epoch_checkpoints(args.output_dir, args.keep_last)
+            train_stats = train_epoch(
+                args, model, optimizer, lr_scheduler, data_loader, device, epoch, scaler, first,
+                stop, checkpointer, board,
+            )  # fmt: skip
+            checkpointer.end_of_epoch(epoch)
+            record = {"epoch": epoch, "lr": lr, "train": train_stats}
+            if evaluates_at(args, epoch):
+                record.update(run_evaluation(board=board.at_epoch(epoch)))
+                record["best"] = best.update(epoch, metric_value(record, best.name))
+                if record["best"]["epoch"] == epoch:
+                    checkpointer.keep_as_best()
+            utils.append_jsonl(log_path, record)
+            if best.exhausted():
+                utils.print_main(best.stop_message())
+                return
 
-            record = {"epoch": epoch, "lr": lr, "train": train_stats, **run_evaluation()}
-            utils.append_jsonl(os.path.join(args.output_dir, "log.jsonl"), record)
-    finally:
-        stop.restore()
+
+def best_so_far(args, log_path, start_epoch):
+    """The --best-metric tracker, with the evaluations a resumed run made before `start_epoch`
+    replayed from its log."""
+    metric = best_metric_of(args)
+    history = [
+        (r["epoch"], metric_value(r, metric))
+        for r in utils.read_jsonl(log_path)
+        if "best" in r and r["epoch"] < start_epoch
+    ]
+    return utils.BestMetric(metric, args.patience, history)
+
+
+def evaluates_at(args, epoch):
+    return (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1
+
+
+class TrainingBoard:
+    """What a run writes to TensorBoard with --tensorboard, on the main process (a no-op
+    otherwise): per-iteration losses and learning rate, and per evaluation the COCO stats, the
+    DSB score, precision-recall curves and a few validation images beside their ground truth."""
+
+    SAMPLE_IMAGES = 4
+
+    def __init__(self, args, iters_per_epoch):
+        self.iters_per_epoch = iters_per_epoch
+        self.device = args.device
+        self.writer = self.epoch = None
+        if args.tensorboard and utils.is_main_process():
+            # TensorBoard and matplotlib load only for the runs that use them.
+            import tensorboard_log
+
+            self.tensorboard_log = tensorboard_log
+            self.writer = tensorboard_log.make_writer(args.output_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.writer is not None:
+            self.writer.close()
+
+    def step_logger(self, epoch):
+        """engine.train_one_epoch's log_step for `epoch`, or None."""
+        if self.writer is None:
+            return None
+
+        def log_step(iteration, losses, lr):
+            step = epoch * self.iters_per_epoch + iteration
+            self.tensorboard_log.log_step(self.writer, step, losses, lr)
+
+        return log_step
+
+    def at_epoch(self, epoch):
+        self.epoch = epoch
+        return self
+
+    def log_evaluation(self, stats, evaluator, model, dataset_val):
+        if self.writer is None:
+            return
+        log = self.tensorboard_log
+        log.log_evaluation(self.writer, self.epoch, stats)
+        names = {i: c["name"] for i, c in dataset_val.coco.cats.items()}
+        log.log_pr_curves(self.writer, self.epoch, evaluator.coco_evals, names)
+        indices = range(min(self.SAMPLE_IMAGES, len(dataset_val)))
+        samples = log.predict_samples(model, dataset_val, indices, self.device)
+        log.log_predictions(self.writer, self.epoch, *samples)
+
+
+def checkpoint_metadata(args, dataset, num_classes, iters_per_epoch):
+    """What a checkpoint holds besides the training state: enough to rebuild the model and map
+    its labels back to the data's categories."""
+    return {
+        "args": vars(args),
+        "iters_per_epoch": iters_per_epoch,
+        "num_classes": num_classes,
+        "category_names": dataset.category_names(),
+        "label_offset": dataset.label_offset,
+    }
+
+
+def train_epoch(
+    args, model, optimizer, lr_scheduler, data_loader, device, epoch, scaler, first, stop,
+    checkpointer, board,
+):  # fmt: skip
+    """One epoch from its `first` iteration, as engine.train_one_epoch with this run's
+    checkpoints, stop signal and TensorBoard."""
+    data_loader.dataset.set_epoch(epoch)
+    data_loader.batch_sampler.set_epoch(epoch, start_batch=first)
+    try:
+        return train_one_epoch(
+            model, optimizer, lr_scheduler, data_loader, device, epoch, args, scaler,
+            start_iteration=first, stop_flag=stop.received_here,
+            after_step=functools.partial(checkpointer.after_step, epoch),
+            log_step=board.step_logger(epoch),
+        )  # fmt: skip
+    except NonFiniteLossError as e:
+        advice = recipes.non_finite_advice(args, args.world_size)
+        causes = f"; likely causes: {'; '.join(advice)}" if advice else ""
+        raise NonFiniteLossError(f"{e.message}; earlier checkpoints are intact{causes}") from e
 
 
 def main(args):
     device = setup(args)
     resume_path = resolve_resume(args)
     checkpoint = load_checkpoint(resume_path, args) if resume_path else None
+    seed_run(args, checkpoint)
     dataset, dataset_val, num_classes = get_datasets(args, checkpoint)
     data_loader, data_loader_val = get_data_loaders(args, dataset, dataset_val)
     model = build_model(args, num_classes, device, checkpoint)
@@ -760,8 +779,8 @@ def main(args):
         evaluate_and_report, args, model, data_loader_val, num_classes, device
     )
     # The loaders fork their workers from this process. A full garbage collection in a worker
-    # writes to every object that exists now, which copies its memory page into the worker
-    # (75 MB each, see benchmarks/memory_bench.py): the collector leaves these alone until the end.
+    # writes to every object that exists now, which copies its memory page into the worker: the
+    # collector leaves these alone until the end (benchmarks/memory_bench.py measures it).
     gc.collect()
     gc.freeze()
     try:
@@ -771,6 +790,9 @@ def main(args):
                 record["epoch"] = checkpoint["epoch"]
             utils.write_json_on_master(os.path.join(args.output_dir, "eval.json"), record)
         else:
+            if utils.is_main_process():
+                config = os.path.join(args.output_dir, "config.toml")
+                recipes.write_config(args, config, get_args_parser())
             train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
     finally:
         gc.unfreeze()
@@ -778,14 +800,30 @@ def main(args):
 
 
 def run(args):
-    """main(args); one-line errors, with the traceback behind them under --debug."""
+    """main(args) as a command: errors become one line on stderr (with the traceback under
+    --debug) and exit status 1; a stop signal exits 128 + its number after the checkpoint."""
     try:
         main(args)
-    except SystemExit as e:
-        if args.debug and isinstance(e.code, str):
+    except utils.TrainingStopped as e:
+        utils.print_main(e, flush=True)
+        utils.destroy_distributed()
+        raise SystemExit(e.exit_code) from None
+    except CommandError as e:
+        if args.debug:
             traceback.print_exception(e)
-        raise
+        print(f"error: {e.message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def cli(argv=None):
+    """The command: flags from argv over those of a --config recipe, then run()."""
+    try:
+        args = recipes.parse_args(get_args_parser(), argv)
+    except CommandError as e:
+        print(f"error: {e.message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    run(args)
 
 
 if __name__ == "__main__":
-    run(get_args_parser().parse_args())
+    cli()

@@ -1,4 +1,6 @@
-"""Logging, distributed and checkpoint helpers. Imports only torch and the standard library."""
+"""Logging, distributed and checkpoint helpers: MetricLogger, the launcher's environment and the
+process group, reductions, atomic checkpoint files and the Checkpointer that decides when to
+write them, stop signals. Imports only torch, the standard library and errors.py."""
 
 import datetime
 import json
@@ -12,6 +14,8 @@ from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
+
+from errors import CheckpointError, ConfigError
 
 
 class SmoothedValue:
@@ -27,15 +31,6 @@ class SmoothedValue:
         self.window.append(value)
         self.count += n
         self.total += value * n
-
-    def synchronize_between_processes(self):
-        """Sums count and total over ranks, so that global_avg is the average over all ranks."""
-        if not is_dist_avail_and_initialized():
-            return
-        totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=_dist_device())
-        dist.all_reduce(totals)
-        self.count = int(totals[0].item())
-        self.total = totals[1].item()
 
     @property
     def median(self):
@@ -82,10 +77,6 @@ class MetricLogger:
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
-
-    def synchronize_between_processes(self):
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
 
     def global_averages(self):
         return {name: meter.global_avg for name, meter in self.meters.items()}
@@ -136,8 +127,8 @@ def collate_fn(batch):
 
 def in_one_shared_buffer(images, targets):
     """The batch with all its tensors copied into one shared-memory buffer (views of it), so that
-    a DataLoader worker hands it over as one storage rather than one per tensor (13% more images
-    per second with 2 workers on 2 cores, benchmarks/data_bench.py)."""
+    a DataLoader worker hands it over as one storage rather than one per tensor: each storage
+    crossing between processes has a fixed cost (benchmarks/data_bench.py measures it)."""
     tensors = [*images, *(v for target in targets for v in target.values() if torch.is_tensor(v))]
     sizes = [t.numel() * t.element_size() for t in tensors]
     # 64-byte aligned offsets, so that every view keeps its dtype's alignment
@@ -214,7 +205,7 @@ def slurm_master_address(env):
     if not address:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:
-            raise SystemExit("error: SLURM gives no node list: set MASTER_ADDR to task 0's host")
+            raise ConfigError("SLURM gives no node list: set MASTER_ADDR to task 0's host")
         address = first_host(nodelist)
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return address, port
@@ -278,25 +269,35 @@ def destroy_distributed():
         dist.destroy_process_group()
 
 
-def reduce_dict(values):
-    """Averages a dict of scalar tensors over all ranks (every rank gets the result)."""
+def reduce_losses(losses, flag=False):
+    """Averages a dict of scalar loss tensors over all ranks, and ORs a flag of every rank into
+    the same all_reduce (a stop signal), so a step needs one collective; returns both."""
     world_size = get_world_size()
     if world_size == 1:
-        return values
-    names = sorted(values)
-    stacked = torch.stack([values[name].detach().float() for name in names]).to(_dist_device())
+        return losses, flag
+    names = sorted(losses)
+    stacked = torch.stack(
+        [*(losses[name].detach().float() for name in names), torch.tensor(float(flag))]
+    ).to(_dist_device())
     dist.all_reduce(stacked)
-    stacked /= world_size
-    return {name: value for name, value in zip(names, stacked, strict=True)}
+    averages = stacked[:-1] / world_size
+    return dict(zip(names, averages, strict=True)), bool(stacked[-1] > 0)
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank (a Python object)."""
+    if not is_dist_avail_and_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 # Checkpoints and logs
 
 
-def save_on_master(obj, path):
+def save_atomically(obj, path):
     """Writes `obj` with torch.save atomically: a crash leaves the old file or the new one."""
-    if not is_main_process():
-        return
     directory = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(directory, f".{os.path.basename(path)}.tmp")
     with open(tmp_path, "wb") as f:
@@ -312,11 +313,9 @@ def save_on_master(obj, path):
         os.close(dir_fd)
 
 
-def link_or_copy_on_master(source, destination):
+def link_or_copy(source, destination):
     """Makes `destination` hold `source`'s bytes: a hard link where the file system allows it
     (instant, and the next atomic write of `source` leaves it untouched), else a copy."""
-    if not is_main_process():
-        return
     tmp_path = os.path.join(os.path.dirname(destination), f".{os.path.basename(destination)}.tmp")
     if os.path.exists(tmp_path):
         os.remove(tmp_path)
@@ -329,7 +328,7 @@ def link_or_copy_on_master(source, destination):
 
 def prune_epoch_checkpoints(output_dir, keep_last):
     """Deletes all but the newest `keep_last` model_<epoch>.pth files."""
-    if not is_main_process() or keep_last is None:
+    if keep_last is None:
         return
     epochs = sorted(
         int(match.group(1))
@@ -358,18 +357,35 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class TrainingStopped(Exception):
+    """Training stopped on a signal after writing a checkpoint; the process exits `exit_code`."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"stopped by a signal; exit code {exit_code}")
+        self.exit_code = exit_code
+
+
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 (SLURM's pre-emption signals) so that training can stop
-    cleanly after the current iteration instead of dying in the middle of one."""
+    cleanly after the current iteration instead of dying in the middle of one. A context
+    manager: the previous handlers come back on exit.
+
+    Every rank must stop at the same iteration: each step ORs the ranks' flags in the loss
+    reduction it makes anyway (reduce_losses), and `exit_if_requested` does its own collective,
+    once per epoch.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received = None
-        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        self.previous = {}
 
-    def restore(self):
-        """Puts the handlers that were there before back."""
+    def __enter__(self):
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -377,31 +393,136 @@ class StopSignal:
         self.received = signum
         print(f"received {signal.Signals(signum).name}: stopping after this iteration", flush=True)
 
-    def requested(self):
-        """True on every rank once any rank got a signal, so that all stop at one iteration."""
-        flag = torch.tensor([self.received is not None], dtype=torch.float32)
+    def received_here(self):
+        """Whether this rank got a signal."""
+        return self.received is not None
+
+    def exit_if_requested(self):
+        """Raises TrainingStopped on every rank once any rank got a signal."""
+        flag = torch.tensor([self.received_here()], dtype=torch.float32)
         if is_dist_avail_and_initialized():
             flag = flag.to(_dist_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if flag.item():
+            raise TrainingStopped(self.exit_code())
 
     def exit_code(self):
         """128 + the signal number, as for a process the signal killed (143 for SIGTERM)."""
         return 128 + (self.received or signal.SIGTERM)
 
 
-class CheckpointError(Exception):
-    """A file that is not a checkpoint of this repo; the message names it."""
+class Checkpointer:
+    """When, what and where a run saves.
+
+    When: at every epoch end; inside an epoch every `every` iterations; and after the step at
+    which any rank got a stop signal (then TrainingStopped is raised). What: a plain dict (model,
+    optimizer, schedule, scaler, epoch, iteration within the epoch when mid-epoch, the random
+    generators, and the run's `metadata`: args, classes, ...) that loads with weights_only=True;
+    only the main process builds it. Where: `<output_dir>/checkpoint.pth`, written atomically;
+    each epoch's is also kept as model_<epoch>.pth, of which the newest `keep_last` stay.
+    """
+
+    def __init__(
+        self,
+        output_dir,
+        training,
+        metadata,
+        iters_per_epoch,
+        stop_signal,
+        every=None,
+        keep_last=None,
+    ):
+        self.output_dir = output_dir
+        self.path = os.path.join(output_dir, "checkpoint.pth")
+        self.training = training  # {"model": ..., "optimizer": ..., "lr_scheduler": ..., ...}
+        self.metadata = metadata
+        self.iters_per_epoch = iters_per_epoch
+        self.stop_signal = stop_signal
+        self.every = every
+        self.keep_last = keep_last
+
+    def state(self, epoch, iteration=None):
+        state = {name: obj.state_dict() for name, obj in self.training.items() if obj is not None}
+        state.update(self.metadata, epoch=epoch, rng=rng_states())
+        if iteration is not None:
+            state["iteration"] = iteration
+        return state
+
+    def save(self, epoch, iteration=None):
+        if is_main_process():
+            save_atomically(self.state(epoch, iteration), self.path)
+
+    def after_step(self, epoch, done, stopping):
+        """After `done` iterations of `epoch`: a mid-epoch checkpoint when one is due."""
+        due = self.every and done % self.every == 0 and done < self.iters_per_epoch
+        if due or stopping:
+            self.save(epoch, done)
+        if stopping:
+            raise TrainingStopped(self.stop_signal.exit_code())
+
+    def keep_as_best(self):
+        """model_best.pth: the last epoch's checkpoint, which --keep-last never deletes."""
+        if is_main_process():
+            link_or_copy(self.path, os.path.join(self.output_dir, "model_best.pth"))
+
+    def end_of_epoch(self, epoch):
+        """checkpoint.pth for the finished epoch, kept as model_<epoch>.pth."""
+        self.save(epoch)
+        if is_main_process():
+            link_or_copy(self.path, os.path.join(self.output_dir, f"model_{epoch}.pth"))
+            prune_epoch_checkpoints(self.output_dir, self.keep_last)
+
+
+class BestMetric:
+    """The best value of a metric (higher is better) over a run's evaluations, and how many
+    evaluations ago it was reached, for model_best.pth and --patience. `history` replays the
+    (epoch, value) pairs of a resumed run's earlier evaluations."""
+
+    def __init__(self, name, patience=None, history=()):
+        self.name = name
+        self.patience = patience
+        self.epoch = self.value = None
+        self.since = 0
+        for epoch, value in history:
+            self.update(epoch, value)
+
+    def update(self, epoch, value):
+        """Takes the metric's value at `epoch` (None: not computed); returns the best so far."""
+        if value is not None and (self.value is None or value > self.value):
+            self.epoch, self.value, self.since = epoch, value, 0
+        else:
+            self.since += 1
+        return {"metric": self.name, "epoch": self.epoch, "value": self.value}
+
+    def exhausted(self):
+        return self.patience is not None and self.since >= self.patience
+
+    def stop_message(self):
+        return (
+            f"early stop: {self.name} has not improved for {self.since} evaluations (best "
+            f"{self.value} at epoch {self.epoch}, kept as model_best.pth); resume with a larger "
+            "--patience to go on"
+        )
 
 
 def read_checkpoint(path):
     """A checkpoint dict written by train.py (loaded with weights_only=True), or CheckpointError."""
+    return checked_checkpoint(load_file(path), path)
+
+
+def load_file(path):
+    """What torch.save wrote to `path` (loaded with weights_only=True), or CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({e})") from e
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from e
+
+
+def checked_checkpoint(checkpoint, path):
+    """`checkpoint` when it is a dict as train.py writes them, else CheckpointError."""
     if not isinstance(checkpoint, dict) or not {"model", "epoch", "args"} <= checkpoint.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this repo (needs model, epoch, args)")
     return checkpoint
@@ -411,6 +532,14 @@ def write_json_on_master(path, record):
     if is_main_process():
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file; none when it does not exist."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def append_jsonl(path, record):

@@ -39,8 +39,10 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+from synthetic import make_ground_truth  # noqa: E402
 
 import coco_eval  # noqa: E402
+import coco_results  # noqa: E402
 
 IOU_TYPES = ("bbox", "segm")
 # The reference's np.array(tensor, dtype=..., order="F") warns on every mask with numpy 2.
@@ -72,43 +74,6 @@ def get_args_parser():
     )
     parser.add_argument("--json", help="write the figures to this JSON file")
     return parser
-
-
-def ellipse_polygon(cx, cy, rx, ry, points=16):
-    angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
-    xy = np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1)
-    return xy.round(2).ravel().tolist()
-
-
-def make_ground_truth(num_images, num_categories, rng):
-    """A COCO dataset dict, and per image the (cx, cy, rx, ry, category) of its objects."""
-    images, annotations, objects = [], [], {}
-    for image_id in range(1, num_images + 1):
-        height, width = (int(v) for v in rng.integers(320, 481, size=2))
-        images.append({"id": image_id, "height": height, "width": width})
-        objects[image_id] = []
-        for _ in range(int(rng.integers(3, 16))):
-            rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
-            cx, cy = rng.uniform(rx, width - rx), rng.uniform(ry, height - ry)
-            polygon = ellipse_polygon(cx, cy, rx, ry)
-            rle = mask_util.frPyObjects([polygon], height, width)[0]
-            crowd = rng.random() < 0.05
-            segmentation = {"size": [height, width], "counts": rle["counts"].decode()}
-            category_id = int(rng.integers(1, num_categories + 1))
-            objects[image_id].append((cx, cy, rx, ry, category_id))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "segmentation": segmentation if crowd else [polygon],
-                    "area": float(mask_util.area(rle)),
-                    "bbox": mask_util.toBbox(rle).tolist(),
-                    "iscrowd": int(crowd),
-                }
-            )
-    categories = [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]
-    return {"images": images, "annotations": annotations, "categories": categories}, objects
 
 
 def make_outputs(image, objects, num_dets, num_categories, device, rng):
@@ -221,7 +186,7 @@ def fortran_layout_rles(masks):
 ENCODERS = {
     "per mask (reference)": reference_rles,
     "Fortran layout, one mask.encode": fortran_layout_rles,
-    "coco_eval.masks_to_rles": coco_eval.masks_to_rles,
+    "coco_results.masks_to_rles": coco_results.masks_to_rles,
 }
 
 

@@ -2,8 +2,9 @@
 
 About 7 polygon objects per image on average, a few crowded images with 50-90, object sizes
 from a few pixels to half the image, 6-40 points per polygon and about 1% crowd regions stored
-as uncompressed RLE, as in instances_train2017.json. Files are written once per set of
-parameters and reused.
+as uncompressed RLE, as in instances_train2017.json. For the evaluation benchmarks: ellipse
+ground truth and detections as COCO results (make_ground_truth, detection_results,
+evaluation_files). Files are written once per set of parameters and reused.
 """
 
 import json
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from coco_results import uncompressed_rle
 
 COCO_TRAIN2017_IMAGES = 118_287
 COCO_TRAIN2017_ANNOTATIONS = 860_001
@@ -56,15 +59,6 @@ def random_polygon(rng, width, height, scale):
     xs = np.clip(cx + radii * np.cos(angles), 0, width)
     ys = np.clip(cy + radii * np.sin(angles), 0, height)
     return np.stack([xs, ys], axis=1).ravel()
-
-
-def uncompressed_rle(mask):
-    flat = mask.ravel(order="F").astype(np.int8)
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0]:
-        counts.insert(0, 0)
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def image_annotations(rng, image_id, width, height, count, first_id, decimals, exact):
@@ -189,3 +183,96 @@ def coco_sized_annotations(
     }
     write_json(dataset, ann_file)
     return root / "images", ann_file
+
+
+def ellipse_polygon(cx, cy, rx, ry, points=16):
+    """An axis-aligned ellipse as COCO's flat [x1, y1, x2, y2, ...], 2 decimals."""
+    angles = np.linspace(0, 2 * np.pi, points, endpoint=False)
+    xy = np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1)
+    return xy.round(2).ravel().tolist()
+
+
+def make_ground_truth(num_images, num_categories, rng):
+    """Ground truth for the evaluation benchmarks: images of 320-480 px with 3-15 ellipses each
+    in `num_categories` categories, 5% of them crowd regions (compressed RLE), the others
+    polygons. Returns the COCO dataset dict, and per image the (cx, cy, rx, ry, category) of its
+    objects."""
+    images, annotations, objects = [], [], {}
+    for image_id in range(1, num_images + 1):
+        height, width = (int(v) for v in rng.integers(320, 481, size=2))
+        images.append({"id": image_id, "height": height, "width": width})
+        objects[image_id] = []
+        for _ in range(int(rng.integers(3, 16))):
+            rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
+            cx, cy = rng.uniform(rx, width - rx), rng.uniform(ry, height - ry)
+            polygon = ellipse_polygon(cx, cy, rx, ry)
+            rle = mask_utils.frPyObjects([polygon], height, width)[0]
+            crowd = rng.random() < 0.05
+            segmentation = {"size": [height, width], "counts": rle["counts"].decode()}
+            category_id = int(rng.integers(1, num_categories + 1))
+            objects[image_id].append((cx, cy, rx, ry, category_id))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                    "segmentation": segmentation if crowd else [polygon],
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": mask_utils.toBbox(rle).tolist(),
+                    "iscrowd": int(crowd),
+                }
+            )
+    categories = [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]
+    return {"images": images, "annotations": annotations, "categories": categories}, objects
+
+
+def detection_results(image, objects, num_dets, num_categories, rng):
+    """One image's detections as {"bbox": COCO results, "segm": COCO results}, the same
+    detections in both: half jittered ground-truth ellipses (`objects` from make_ground_truth),
+    half clutter, with descending scores; masks are the ellipses, boxes their extent."""
+    height, width = image["height"], image["width"]
+    polygons, labels = [], []
+    for _ in range(num_dets):
+        if objects and rng.random() < 0.5:
+            *ellipse, label = objects[int(rng.integers(len(objects)))]
+            cx, cy, rx, ry = np.asarray(ellipse) * rng.normal(1, 0.05, size=4)
+        else:
+            rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
+            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+            label = int(rng.integers(1, num_categories + 1))
+        polygons.append(ellipse_polygon(cx, cy, rx, ry))
+        labels.append(label)
+    rles = mask_utils.frPyObjects(polygons, height, width)
+    boxes = mask_utils.toBbox(rles).tolist()
+    scores = np.sort(rng.random(num_dets))[::-1].tolist()
+    common = [
+        {"image_id": image["id"], "category_id": c, "score": s}
+        for c, s in zip(labels, scores, strict=True)
+    ]
+    segmentations = [{"size": [height, width], "counts": r["counts"].decode()} for r in rles]
+    return {
+        "bbox": [{**r, "bbox": box} for r, box in zip(common, boxes, strict=True)],
+        "segm": [{**r, "segmentation": s} for r, s in zip(common, segmentations, strict=True)],
+    }
+
+
+def evaluation_files(num_images=1000, num_dets=100, num_categories=80, seed=0):
+    """A ground-truth file (make_ground_truth) and its bbox and segm results files
+    (detection_results); returns the three paths."""
+    folder = CACHE / f"evaluation_{num_images}_{num_dets}_{num_categories}_{seed}"
+    paths = [folder / f"{stem}.json" for stem in ("gt", "bbox", "segm")]
+    if all(path.exists() for path in paths):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dataset, objects = make_ground_truth(num_images, num_categories, rng)
+    results = {"bbox": [], "segm": []}
+    for image in dataset["images"]:
+        image_results = detection_results(
+            image, objects[image["id"]], num_dets, num_categories, rng
+        )
+        for iou_type, records in image_results.items():
+            results[iou_type] += records
+    for path, content in zip(paths, (dataset, results["bbox"], results["segm"]), strict=True):
+        write_json(content, path)
+    return paths

@@ -29,6 +29,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from errors import DataError  # noqa: E402
+from progress import progress  # noqa: E402
+
 try:
     import tifffile
 except ImportError:
@@ -41,7 +45,7 @@ TIFF_EXTENSIONS = {".tif", ".tiff"}
 PIL_ERRORS = (OSError, SyntaxError, ValueError)
 
 
-class ConversionError(Exception):
+class ConversionError(DataError):
     """Bad input; the message names the file and the problem."""
 
 
@@ -165,7 +169,8 @@ def convert_dsb(root):
     root = Path(root)
     require_dir(root)
     records = []
-    for sample in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    samples = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sample in progress(samples, desc="convert", unit="image"):
         image_path = sample / "images" / f"{sample.name}.png"
         if not image_path.is_file():
             raise ConversionError(f"{image_path}: image not found")
@@ -212,9 +217,10 @@ def convert_label_images(images_dir, labels_dir, label_suffix=""):
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     require_dir(images_dir)
     require_dir(labels_dir)
+    pairs = pair_images_and_labels(images_dir, labels_dir, label_suffix)
     return [
         make_record(image_path, instance_rles(read_label_image(label_path)))
-        for image_path, label_path in pair_images_and_labels(images_dir, labels_dir, label_suffix)
+        for image_path, label_path in progress(pairs, desc="convert", unit="image")
     ]
 
 

@@ -6,7 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,6 +23,20 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, num_train=4, num_val=3, size=64, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def unet_checkpoint(demo_root, tmp_path_factory):
+    """A unet_resnet18 trained for 6 epochs (12 iterations) on the 64 px demo."""
+    import train
+
+    output_dir = tmp_path_factory.mktemp("unet")
+    argv = ["--data-path", str(demo_root), "--output-dir", str(output_dir), "--model"]
+    argv += ["unet_resnet18", "--epochs", "6", "-b", "2", "-j", "0", "--min-size", "64"]
+    argv += ["--max-size", "64", "--opt", "adamw", "--lr", "0.003", "--seed", "0"]
+    argv += ["--eval-every", "6", "--print-freq", "10"]
+    train.main(train.get_args_parser().parse_args(argv))
+    return output_dir / "checkpoint.pth"
 
 
 def write_coco(path, images, annotations, categories=None):
@@ -40,3 +57,30 @@ def write_image(path, height, width, mode="RGB", seed=0):
         pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).convert(mode).save(path)
     return path
+
+
+def make_sample(height=48, width=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(3, height, width, dtype=torch.uint8)
+    masks[0, 5:20, 4:30] = 1
+    masks[1, 25:40, 35:60] = 1
+    masks[2, 10:30, 40:50] = 1
+    image = torch.randint(0, 255, (3, height, width), dtype=torch.uint8, generator=generator)
+    boxes = masks_to_boxes(masks)
+    boxes[:, 2:] += 1
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+        "masks": tv_tensors.Mask(masks),
+        "labels": torch.tensor([1, 2, 1]),
+        "image_id": 7,
+    }
+    return tv_tensors.Image(image), target
+
+
+def assert_boxes_enclose_masks(target, tolerance=1.0):
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        if not mask.any():
+            continue
+        tight = masks_to_boxes(mask[None])[0]
+        tight[2:] += 1
+        assert torch.allclose(box, tight, atol=tolerance), (box, tight)

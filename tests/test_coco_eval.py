@@ -3,6 +3,9 @@ import copy
 import importlib.util
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import coco_eval
-from coco_eval import CocoEvaluator, dsb_score, masks_to_rles
+from coco_eval import CocoEvaluator
+from coco_results import uncompressed_rle
 
 BACKENDS = [
     pytest.param(
@@ -33,6 +37,7 @@ CATEGORIES = [
     {"id": 4, "name": "ghost"},  # neither ground truth nor detections
 ]
 NO_GT_IMAGE, NO_DETECTIONS_IMAGE = 5, 6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def ellipse(cx, cy, rx, ry):
@@ -42,13 +47,6 @@ def ellipse(cx, cy, rx, ry):
 
 def polygon_mask(polygon):
     return mask_util.decode(mask_util.frPyObjects([polygon], HEIGHT, WIDTH)[0])
-
-
-def uncompressed_rle(mask):
-    flat = mask.ravel(order="F")
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
-    counts = np.diff(starts).tolist()
-    return {"size": list(mask.shape), "counts": [0, *counts] if flat[0] else counts}
 
 
 def make_gt():
@@ -294,6 +292,58 @@ def test_cli_rejects_detections_on_unknown_images(tmp_path, files, capsys):
     assert "image ids not in the ground truth" in capsys.readouterr().err
 
 
+def test_cli_checks_every_results_file_before_evaluating(files, capsys):
+    args = ["--ann", str(files["gt"]), "--results", str(files["bbox"]), str(files["bbox"])]
+    with pytest.raises(SystemExit) as exit_info:
+        coco_eval.main([*args, "--iou-types", "bbox", "segm"])
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""  # bbox was not evaluated before the segm file failed its check
+    assert "not a COCO results list for segm" in printed.err and str(files["bbox"]) in printed.err
+
+
+def test_cli_rejects_an_iou_type_named_twice(files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(files, [files["bbox"]], "--iou-types", "bbox", "bbox")
+    assert exit_info.value.code == 2
+    assert "twice" in capsys.readouterr().err
+
+
+def test_cli_gives_each_iou_type_its_own_copy_of_one_file(tmp_path, files, predictions):
+    # pycocotools' loadRes writes each segm result's box into it, and loadRes of results with
+    # boxes takes the box area as the area. A confident false positive whose mask is small and
+    # whose box is not counts against APs only with the mask's area.
+    diagonal = mask_util.encode(np.asfortranarray(np.eye(HEIGHT, WIDTH, dtype=np.uint8)))
+    segmentation = {"size": [HEIGHT, WIDTH], "counts": diagonal["counts"].decode()}
+    results = reference_results(predictions, "segm") + [
+        {"image_id": image_id, "category_id": 1, "score": 2.0, "segmentation": segmentation}
+        for image_id in predictions
+    ]
+    path = tmp_path / "segm_only.json"
+    path.write_text(json.dumps(results))
+    out, _ = run_cli(files, [path], "--iou-types", "bbox", "segm", "--eval-backend", "pycocotools")
+    reference = pycocotools_eval(files["gt"], results, "segm")
+    assert_stats_equal(out["segm"]["stats"], reference.stats)
+    with_boxes = [{**r, "bbox": mask_util.toBbox(r["segmentation"]).tolist()} for r in results]
+    box_areas = pycocotools_eval(files["gt"], with_boxes, "segm")
+    assert box_areas.stats[3] > reference.stats[3]  # the trap is real: APs differs
+
+
+def test_command_imports_neither_torch_nor_image_libraries(files, tmp_path):
+    command = [sys.executable, "-X", "importtime", str(ROOT / "coco_eval.py")]
+    command += ["--ann", str(files["gt"]), "--results", str(files["bbox"]), str(files["segm"])]
+    command += ["--iou-types", "bbox", "segm", "--out", str(tmp_path / "stats.json")]
+    finished = subprocess.run(command, capture_output=True, text=True, check=True)
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in finished.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"coco_results", "errors", "numpy"} <= imported  # the listing is read right
+    assert not imported & {"torch", "torchvision", "PIL", "matplotlib", "scipy"}
+    assert set(json.loads((tmp_path / "stats.json").read_text())) == {"bbox", "segm"}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_evaluator_equals_pycocotools_on_updated_images(files, gt, predictions, backend):
     evaluator = CocoEvaluator(gt_coco(gt), ["bbox", "segm"], backend=backend)
@@ -359,52 +409,6 @@ def test_label_to_category_id(gt, predictions):
     assert [r["category_id"] for r in evaluator.results("bbox")] == swapped
 
 
-def per_mask_encode(masks):
-    return [
-        mask_util.encode(np.asfortranarray((m[0] > 0.5).numpy().astype(np.uint8))) for m in masks
-    ]
-
-
-@pytest.mark.parametrize(
-    "shape", [(7, 1, 48, 61), (6, 1, 16, 64), (5, 1, 1, 9), (5, 1, 9, 1), (1, 1, 1, 1)]
-)
-def test_masks_to_rles_equals_per_mask_encoding(shape):
-    torch.manual_seed(0)
-    masks = torch.rand(shape) ** 3  # mostly below the threshold, in runs and specks
-    masks[0] = 0  # empty
-    if shape[0] > 1:
-        masks[1] = 1  # full: RLE starts with an empty run of zeros
-    if shape[0] > 2:
-        masks[2, 0, -1, -1] = 1  # only the last pixel
-    assert masks_to_rles(masks) == per_mask_encode(masks)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masks_to_rles_equals_per_mask_encoding_on_random_masks(dtype):
-    # Foreground confined to some rows (the rows masks_to_rles skips), touching the first or last
-    # row and column, full masks and NaN, in many small shapes.
-    generator = torch.Generator().manual_seed(0)
-    for case in range(150):
-        n, height, width = (int(v) for v in torch.randint(1, 20, (3,), generator=generator))
-        masks = torch.rand(n, 1, height, width, generator=generator) ** (1 + case % 6)
-        if case % 3 == 0:
-            masks[:, :, : height // 2] = 0
-        if case % 4 == 0:
-            masks[:, :, :, width // 2 :] = 0
-        if case % 5 == 0:
-            masks[0] = 1
-        if case % 7 == 0:
-            masks[-1, 0, 0, 0] = float("nan")
-        if case % 11 == 0:
-            masks[-1, 0, -1] = 1
-        masks = masks.to(dtype)
-        assert masks_to_rles(masks) == per_mask_encode(masks.float()), (case, masks.shape)
-
-
-def test_masks_to_rles_of_no_masks():
-    assert masks_to_rles(torch.zeros(0, 1, 4, 5)) == []
-
-
 def test_update_counts_a_repeated_image_once(gt, predictions):
     once = CocoEvaluator(gt_coco(gt), ["bbox"])
     once.update(predictions)
@@ -441,6 +445,7 @@ def sync_worker(rank, world_size, init_file, gt, predictions, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_synchronize_gathers_every_rank_on_gloo(tmp_path, gt, predictions):
     mp.spawn(sync_worker, args=(2, tmp_path / "init", gt, predictions, tmp_path), nprocs=2)
     single = CocoEvaluator(gt_coco(gt), ["bbox", "segm"], backend="pycocotools")
@@ -492,49 +497,3 @@ def test_evaluator_rejects_bad_arguments(gt):
         CocoEvaluator(gt_coco(gt), ["keypoints"])
     with pytest.raises(ValueError, match="max-dets"):
         CocoEvaluator(gt_coco(gt), ["bbox"], max_dets=(1, 100))
-
-
-def square(size, top, left, side):
-    mask = np.zeros((size, size), dtype=bool)
-    mask[top : top + side, left : left + side] = True
-    return mask
-
-
-def test_dsb_score_hand_computed():
-    gt = np.stack([square(10, 0, 0, 5)])  # 25 pixels
-    inside = square(10, 0, 0, 5) & ~square(10, 0, 0, 3)
-    inside[0, :2] = True  # 18 of the 25 pixels: IoU 0.72, a match at 0.50 ... 0.70
-    assert dsb_score([gt], [gt]) == 1.0
-    assert dsb_score([gt], [inside[None]]) == pytest.approx(0.5)
-    assert dsb_score([np.zeros((0, 10, 10))], [np.zeros((0, 10, 10))]) == 1.0
-    assert dsb_score([gt], [np.zeros((0, 10, 10))]) == 0.0
-    assert dsb_score([np.zeros((0, 10, 10))], [gt]) == 0.0
-    assert dsb_score([gt, gt], [gt, inside[None]]) == pytest.approx(0.75)
-
-
-def test_dsb_score_counts_tp_fp_fn_and_matches_one_to_one():
-    a, b = square(12, 0, 0, 4), square(12, 6, 6, 4)
-    clutter = square(12, 0, 8, 3)
-    # one match, one missed object, two false positives: 1 / (1 + 2 + 1) at every threshold
-    assert dsb_score([np.stack([a, b])], [np.stack([a, clutter, square(12, 8, 0, 2)])]) == 0.25
-    # two predictions over one object: one true positive, one false positive
-    assert dsb_score([a[None]], [np.stack([a, a])]) == 0.5
-
-
-def test_dsb_score_takes_label_images_and_tensors():
-    a, b = square(12, 0, 0, 4), square(12, 6, 6, 4)
-    labels = torch.tensor(a * 3 + b * 7)
-    assert dsb_score([labels], [np.stack([b, a])]) == 1.0
-    assert dsb_score([torch.zeros(12, 12)], [np.zeros((12, 12))]) == 1.0
-
-
-def test_mask_ious_equal_dense_ious():
-    rng = np.random.default_rng(0)
-    gt = np.stack([square(20, *rng.integers(0, 15, 2), rng.integers(1, 8)) for _ in range(6)])
-    pred = np.stack([square(20, *rng.integers(0, 15, 2), rng.integers(1, 8)) for _ in range(5)])
-    pred[0] = False  # an empty prediction
-    flat_gt, flat_pred = gt.reshape(6, -1).astype(float), pred.reshape(5, -1).astype(float)
-    intersection = flat_gt @ flat_pred.T
-    union = flat_gt.sum(1)[:, None] + flat_pred.sum(1) - intersection
-    assert np.count_nonzero(intersection) >= 3
-    np.testing.assert_array_equal(coco_eval.mask_ious(gt, pred), intersection / union)

@@ -26,14 +26,16 @@ from conftest import ROOT
 
 import train
 import utils
+from errors import ConfigError
 
 FAST = [
     "-b", "1", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
     "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
     "--box-batch-size-per-image", "32", "--lr", "0.01", "--lr-steps", "2",
     "--clip-grad-norm", "10", "--seed", "0",
-    # Anchors the size of the demo's nuclei: even a briefly trained model then finds some.
-    "--anchor-sizes", "8", "16", "32", "64", "128",
+    # Anchors the size of the demo's nuclei, and every detection kept: even a briefly trained
+    # model then finds some.
+    "--anchor-sizes", "8", "16", "32", "64", "128", "--box-score-thresh", "0",
 ]  # fmt: skip
 LAUNCH_TIMEOUT = 300
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -112,6 +114,7 @@ def read_stats(output_dir):
 
 
 RESULTS_FILES = ["results_bbox.json", "results_segm.json"]
+TRAINING_FILES = ["model_0.pth", "checkpoint.pth", "model_best.pth", "log.jsonl", "config.toml"]
 
 
 def assert_rank_0_alone_wrote(output_dir, names, output, evaluations=1):
@@ -157,6 +160,7 @@ def legacy_without_env(demo_root, single_resumed, tmp_path_factory):
     return output_dir, output
 
 
+@pytest.mark.slow
 def test_legacy_launcher_with_use_env_trains_and_evaluates(legacy_with_env):
     output_dir, output = legacy_with_env
     assert "distributed: 2 processes, backend gloo, env://" in output
@@ -169,9 +173,10 @@ def test_legacy_launcher_with_use_env_trains_and_evaluates(legacy_with_env):
     checkpoint = torch.load(output_dir / "checkpoint.pth", weights_only=True)
     assert checkpoint["iters_per_epoch"] == 2
     assert not any(k.startswith("module.") for k in checkpoint["model"])
-    assert_rank_0_alone_wrote(output_dir, ["checkpoint.pth", "model_0.pth", "log.jsonl"], output)
+    assert_rank_0_alone_wrote(output_dir, TRAINING_FILES, output)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes_resumes_in_one(single_resumed):
     output_dir, output = single_resumed
     assert "iterations per epoch changed (2 -> 4)" in output
@@ -180,6 +185,7 @@ def test_checkpoint_of_two_processes_resumes_in_one(single_resumed):
     assert torch.load(output_dir / "checkpoint.pth", weights_only=True)["iters_per_epoch"] == 4
 
 
+@pytest.mark.slow
 def test_legacy_launcher_without_use_env_resumes_a_single_process_checkpoint(
     legacy_without_env,
 ):
@@ -189,9 +195,10 @@ def test_legacy_launcher_without_use_env_resumes_a_single_process_checkpoint(
     (record,) = read_log(output_dir)
     # --lr-steps 2: the replayed schedule drops the rate exactly at epoch 2.
     assert record["epoch"] == 2 and record["lr"] == pytest.approx(0.001)
-    assert_rank_0_alone_wrote(output_dir, ["checkpoint.pth", "model_2.pth", "log.jsonl"], output)
+    assert_rank_0_alone_wrote(output_dir, [*TRAINING_FILES[1:], "model_2.pth"], output)
 
 
+@pytest.mark.slow
 def test_torchrun_shards_every_training_batch_over_the_ranks(demo_root, tmp_path):
     record_dir = tmp_path / "batches"
     record_dir.mkdir()
@@ -209,7 +216,7 @@ def test_torchrun_shards_every_training_batch_over_the_ranks(demo_root, tmp_path
         assert not set(batch_0) & set(batch_1)
     assert sorted(i for batches in ranks for batch in batches for i in batch) == [0, 1, 2, 3]
     assert [r["epoch"] for r in read_log(output_dir)] == [0]
-    assert_rank_0_alone_wrote(output_dir, ["checkpoint.pth", "model_0.pth", "log.jsonl"], output)
+    assert_rank_0_alone_wrote(output_dir, TRAINING_FILES, output)
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +238,7 @@ def evaluate_in_one_process(data_root, checkpoint, output_dir, env=None):
     return read_stats(output_dir)
 
 
+@pytest.mark.slow
 def test_two_node_evaluation_equals_single_process_on_odd_image_count(
     demo_root, evaluated_checkpoint, legacy_without_env, tmp_path
 ):
@@ -250,6 +258,25 @@ def test_two_node_evaluation_equals_single_process_on_odd_image_count(
     (record,) = read_log(legacy_without_env[0])
     assert {"bbox": record["bbox"], "segm": record["segm"]} == single
     assert_rank_0_alone_wrote(distributed_dir, ["eval.json"], output)
+
+
+@pytest.mark.slow
+def test_distributed_evaluation_of_a_unet_equals_single_process(
+    demo_root, unet_checkpoint, tmp_path
+):
+    evaluation = ["--test-only", "--resume", str(unet_checkpoint), "--model", "unet_resnet18"]
+    evaluation += ["--dsb-score", "--error-analysis"]
+    distributed_dir = tmp_path / "distributed"
+    run_ok(
+        [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
+         *script_args(demo_root, distributed_dir, *evaluation)]
+    )  # fmt: skip
+    run_ok([sys.executable, "train.py", *script_args(demo_root, tmp_path / "single", *evaluation)])
+    distributed = json.loads((distributed_dir / "eval.json").read_text())
+    single = json.loads((tmp_path / "single" / "eval.json").read_text())
+    assert json.loads((tmp_path / "single" / "results_segm.json").read_text()), "no detections"
+    for key in ("bbox", "segm", "dsb", "errors"):
+        assert distributed[key] == single[key], key
 
 
 def slurm_job_id_with_free_port():
@@ -279,6 +306,7 @@ def run_like_srun(script_argv, env):
     )
 
 
+@pytest.mark.slow
 def test_srun_tasks_evaluate_like_one_process_when_a_rank_has_no_detections(
     demo_root, evaluated_checkpoint, tmp_path
 ):
@@ -301,6 +329,7 @@ def test_srun_tasks_evaluate_like_one_process_when_a_rank_has_no_detections(
     assert_rank_0_alone_wrote(distributed_dir, ["eval.json"], output)
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_ends_the_launch_after_the_timeout(demo_root, tmp_path):
     timeout = 10
     start = time.monotonic()
@@ -370,11 +399,11 @@ def test_slurm_master_address(monkeypatch, tmp_path):
     assert utils.slurm_master_address({**env, "SLURM_JOB_ID": "4321988"})[1] != port
     env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
     assert utils.slurm_master_address(env) == ("10.0.0.1", "1234")
-    with pytest.raises(SystemExit, match="MASTER_ADDR"):
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
         utils.slurm_master_address({"SLURM_JOB_ID": "1"})
 
 
 def test_sync_bn_on_cpu_is_rejected():
     args = train.get_args_parser().parse_args(["--sync-bn", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--sync-bn needs CUDA"):
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
         train.main(args)

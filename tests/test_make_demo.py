@@ -1,18 +1,26 @@
+import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage as ndi
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from skimage.measure import regionprops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 
 from make_demo import get_args_parser, main, make_demo_dataset  # noqa: E402
 
 SPLITS = ("train2017", "val2017")
+NUCLEI_SPLITS = ("train2017", "fit2017", "val2017")
+# tree_sha256 of make_demo_dataset(root, num_train=3, num_val=2, size=64, seed=0), written before
+# the nuclei style was added.
+DEFAULT_STYLE_SHA256 = "de5f987010aa9a20ed2e5bb162b89ea1ab9ef3478d7057859ca1e66aff0a30ab"
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +119,98 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert str(tmp_path) in capsys.readouterr().out
     assert (tmp_path / "annotations" / "instances_val2017.json").is_file()
     assert (tmp_path / "val2017" / "000000000001.png").is_file()
+
+
+def test_runs_as_a_script_from_any_folder(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "datasets" / "make_demo.py"
+    args = ["--output", str(tmp_path / "demo"), "--num-train", "1", "--num-val", "1"]
+    subprocess.run([sys.executable, str(script), *args, "--size", "32"], check=True, cwd=tmp_path)
+    assert load(tmp_path / "demo", "val2017").getImgIds() == [1]
+
+
+def tree_sha256(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_default_style_is_unchanged(tmp_path):
+    # The README's first dataset: adding styles must not change a byte of it.
+    make_demo_dataset(tmp_path, num_train=3, num_val=2, size=64, seed=0)
+    assert tree_sha256(tmp_path) == DEFAULT_STYLE_SHA256
+
+
+@pytest.fixture(scope="module")
+def nuclei_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nuclei")
+    make_demo_dataset(root, num_train=3, num_val=2, size=128, seed=0, style="nuclei", num_fit=2)
+    return root
+
+
+def test_nuclei_style_writes_three_splits_of_one_category(nuclei_root):
+    counts = {}
+    for split in NUCLEI_SPLITS:
+        coco = load(nuclei_root, split)
+        assert coco.dataset["categories"] == [{"id": 1, "name": "nucleus", "supercategory": "cell"}]
+        assert {a["category_id"] for a in coco.dataset["annotations"]} == {1}
+        counts[split] = len(coco.getImgIds())
+        for img in coco.dataset["images"]:
+            assert (nuclei_root / split / img["file_name"]).is_file()
+    assert counts == {"train2017": 3, "fit2017": 2, "val2017": 2}
+
+
+def test_nuclei_splits_hold_different_images(nuclei_root):
+    name = "000000000001.png"
+    images = {(nuclei_root / split / name).read_bytes() for split in NUCLEI_SPLITS}
+    assert len(images) == 3
+
+
+def test_nuclei_touch_and_do_not_overlap(nuclei_root):
+    touching = 0
+    coco = load(nuclei_root, "train2017")
+    for image_id in coco.getImgIds():
+        masks = np.array(
+            [coco.annToMask(a) for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))]
+        )
+        assert masks.sum(0).max() == 1
+        grown = np.array([ndi.binary_dilation(m) for m in masks])
+        # Ordered pairs of different nuclei with neighbouring pixels.
+        touching += (np.einsum("ihw,jhw->ij", grown.astype(int), masks.astype(int)) > 0).sum()
+        touching -= len(masks)
+    # Most nuclei are in clusters: at least one touching pair per two nuclei.
+    assert touching / 2 >= len(coco.dataset["annotations"]) / 2
+
+
+def test_nuclei_are_grey_and_vary_in_size_and_brightness(nuclei_root):
+    coco = load(nuclei_root, "train2017")
+    areas = [a["area"] for a in coco.dataset["annotations"]]
+    assert max(areas) > 4 * min(areas)
+    means = []
+    for img in coco.dataset["images"]:
+        with Image.open(nuclei_root / "train2017" / img["file_name"]) as image:
+            pixels = np.asarray(image)
+        assert image.mode == "RGB"
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            means.append(pixels[..., 0][coco.annToMask(ann) > 0].mean())
+    # Dim nuclei sit a few grey levels above the background, bright ones far above it.
+    assert max(means) > 2.5 * min(means)
+
+
+def test_nuclei_shapes_are_not_only_ellipses(nuclei_root):
+    coco = load(nuclei_root, "train2017")
+    solidities = []
+    for ann in coco.dataset["annotations"]:
+        if isinstance(ann["segmentation"], list):
+            region = regionprops(coco.annToMask(ann))[0]
+            solidities.append(region.solidity)
+    assert min(solidities) < 0.97
+
+
+def test_nuclei_cli_names_the_fit_split(tmp_path, capsys):
+    args = ["--output", str(tmp_path), "--style", "nuclei", "--num-train", "1", "--num-fit", "1"]
+    main(get_args_parser().parse_args([*args, "--num-val", "1", "--size", "64"]))
+    assert "1 fit" in capsys.readouterr().out
+    assert load(tmp_path, "fit2017").getImgIds() == [1]

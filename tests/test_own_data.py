@@ -10,17 +10,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, write_coco
 from PIL import Image
 from pycocotools import mask as mask_utils
 from test_train import FAST
 
+import models
+import overlays
 import predict
 import train
 import utils
 from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_offset_of, label_to_category_id, load_image
 from engine import evaluate
+from errors import CheckpointError
 from presets import DetectionPresetEval
 
 SIZE = 64
@@ -204,15 +207,15 @@ def evaluate_ground_truth(export, evaluator_for, drop_last_of=()):
     dataset = CocoDetection(*export, transforms=DetectionPresetEval())
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=utils.collate_fn)
     model = GroundTruthModel(dataset, drop_last_of)
+    metrics = train.image_metrics(train.get_args_parser().parse_args(["--dsb-score"]))
     with contextlib.redirect_stdout(io.StringIO()):
-        return evaluate(
-            model, loader, "cpu", evaluator_for(dataset), dsb_score_thresh=0.5, print_freq=100
-        )
+        stats = evaluate(model, loader, "cpu", evaluator_for(dataset), image_metrics=metrics)
+    return {**stats, "dsb": np.mean(list(stats["dsb"].values()))}
 
 
 def test_evaluation_maps_labels_back_to_category_ids(export):
     args = train.get_args_parser().parse_args(["--model", "maskrcnn_resnet50_fpn"])
-    mask_model = train.get_model(args, 5)
+    mask_model = models.get_model(args, 5)
     stats = evaluate_ground_truth(
         export, lambda dataset: train.make_evaluator(args, mask_model, dataset, 5)
     )
@@ -248,15 +251,16 @@ def test_dsb_score_of_missed_objects(export):
 
 def save_checkpoint(path, model_name, num_classes, **extra):
     args = train.get_args_parser().parse_args(["--model", model_name])
-    model = train.get_model(args, num_classes)
+    model = models.get_model(args, num_classes)
     torch.save({"model": model.state_dict(), "args": vars(args), **extra}, path)
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_fitting_weights_loads_all_but_the_class_layers(tmp_path, capsys):
     saved = save_checkpoint(tmp_path / "three.pth", "maskrcnn_resnet50_fpn", 3)
     args = train.get_args_parser().parse_args(["--weights", str(tmp_path / "three.pth")])
-    state = train.get_model(args, 5).state_dict()
+    state = models.get_model(args, 5).state_dict()
     reinitialised = (
         "roi_heads.box_predictor.cls_score, roi_heads.box_predictor.bbox_pred, "
         "roi_heads.mask_predictor.mask_fcn_logits"
@@ -267,21 +271,22 @@ def test_fitting_weights_loads_all_but_the_class_layers(tmp_path, capsys):
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 5
     assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape[0] == 5
     for key, value in state.items():
-        if not key.startswith(train.CLASS_DEPENDENT_PREFIXES):
+        if not key.startswith(models.RCNN_CLASS_DEPENDENT_PREFIXES):
             assert torch.equal(value, saved[key]), key
 
 
 def test_replacing_predictors_keeps_the_mask_upsampling(capsys):
     args = train.get_args_parser().parse_args([])
-    model = train.get_model(args, 91)
+    model = models.get_model(args, 91)
     upsampling = model.roi_heads.mask_predictor.conv5_mask
-    train.replace_predictors(model, 4)
+    models.replace_class_layers(model, 4)
     assert model.roi_heads.mask_predictor.conv5_mask is upsampling
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 16
     assert "roi_heads.mask_predictor.mask_fcn_logits" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_are_an_error_naming_the_tensor(tmp_path):
     state = save_checkpoint(tmp_path / "ok.pth", "maskrcnn_resnet50_fpn", 3)
     state["backbone.fpn.layer_blocks.0.0.weight"] = torch.zeros(256, 128, 3, 3)
@@ -289,15 +294,15 @@ def test_weights_that_do_not_fit_are_an_error_naming_the_tensor(tmp_path):
     save_checkpoint(tmp_path / "faster.pth", "fasterrcnn_resnet50_fpn", 3)
     args = train.get_args_parser().parse_args([])
     args.weights = str(tmp_path / "changed.pth")
-    with pytest.raises(SystemExit) as changed:
-        train.get_model(args, 3)
+    with pytest.raises(CheckpointError) as changed:
+        models.get_model(args, 3)
     assert str(changed.value) == (
-        f"error: --weights {args.weights}: tensor backbone.fpn.layer_blocks.0.0.weight has shape "
+        f"--weights {args.weights}: tensor backbone.fpn.layer_blocks.0.0.weight has shape "
         "(256, 128, 3, 3), the model expects (256, 256, 3, 3)"
     )
     args.weights = str(tmp_path / "faster.pth")
-    with pytest.raises(SystemExit) as other_model:
-        train.get_model(args, 3)
+    with pytest.raises(CheckpointError) as other_model:
+        models.get_model(args, 3)
     assert "tensors missing (e.g. ['roi_heads.mask_head" in str(other_model.value)
 
 
@@ -317,6 +322,7 @@ def fine_tuned(export, tmp_path_factory):
     return root / "out", stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_fine_tuning_on_the_export_logs_categories_and_dsb_score(fine_tuned):
     output_dir, stdout = fine_tuned
     assert "re-initialised (class count differs): roi_heads.box_predictor.cls_score" in stdout
@@ -331,6 +337,7 @@ def test_fine_tuning_on_the_export_logs_categories_and_dsb_score(fine_tuned):
     assert checkpoint["args"]["anchor_sizes"] == [8, 16, 32, 64, 128]
 
 
+@pytest.mark.slow
 def test_test_only_writes_the_dsb_score_to_eval_json(export, fine_tuned, tmp_path):
     output_dir, _ = fine_tuned
     images, ann_file = export
@@ -347,19 +354,30 @@ def test_test_only_writes_the_dsb_score_to_eval_json(export, fine_tuned, tmp_pat
 @pytest.fixture(scope="module")
 def predictions(fine_tuned, tmp_path_factory):
     folder = tmp_path_factory.mktemp("to_predict")
-    write_picture(folder / "b16.png", [(4, 4, 30, 30)], "16")
-    write_picture(folder / "a.tif", [(10, 10, 40, 40)], "16")
-    write_picture(folder / "c.png", [(20, 20, 50, 60)], "palette")
+    pictures = {"b16.png": (4, 4, 30, 30), "a.tif": (10, 10, 40, 40), "c.png": (20, 20, 50, 60)}
+    for (name, box), kind in zip(pictures.items(), ("16", "16", "palette"), strict=True):
+        write_picture(folder / name, [box], kind)
     (folder / "notes.txt").write_text("not an image")
+    images = [
+        {"id": i, "file_name": name, "height": SIZE, "width": SIZE}
+        for i, name in enumerate(pictures, start=1)
+    ]
+    annotations = [
+        {"id": i, "image_id": i, "category_id": 0, "segmentation": square(*box)}
+        for i, box in enumerate(pictures.values(), start=1)
+    ]
+    ann_file = write_coco(folder.parent / "truth.json", images, annotations, CATEGORIES)
     output = tmp_path_factory.mktemp("predictions")
     with contextlib.redirect_stdout(io.StringIO()):
         predict.main(
             ["--weights", str(fine_tuned[0] / "checkpoint.pth"), "--input", str(folder)]
             + ["--output", str(output), "--score-thresh", "0.1", "--device", "cpu"]
+            + ["--ann", str(ann_file)]
         )
     return output, folder
 
 
+@pytest.mark.slow
 def test_predict_writes_overlays_label_images_and_results(predictions):
     predictions, _ = predictions
     results = json.loads((predictions / "results.json").read_text())
@@ -368,12 +386,33 @@ def test_predict_writes_overlays_label_images_and_results(predictions):
     assert {r["category_name"] for r in results} <= {"cell", "debris"}
     assert {(r["category_id"], r["category_name"]) for r in results} <= {(0, "cell"), (3, "debris")}
     assert all(r["score"] >= 0.1 for r in results)
+    scale = overlays.drawing_scale(SIZE, SIZE)  # small images are drawn larger
     for stem in ("a", "b16", "c"):
         overlay = Image.open(predictions / f"{stem}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == (SIZE, SIZE)
-        assert Image.open(predictions / f"{stem}_labels.png").mode == "I;16"
+        assert overlay.mode == "RGB" and overlay.size == (SIZE * scale, SIZE * scale) != (SIZE,) * 2
+        labels = Image.open(predictions / f"{stem}_labels.png")
+        assert labels.mode == "I;16" and labels.size == (SIZE, SIZE)
 
 
+@pytest.mark.slow
+def test_predict_with_ann_counts_every_object_once(predictions):
+    predictions, _ = predictions
+    summary = json.loads((predictions / "errors.json").read_text())
+    results = json.loads((predictions / "results.json").read_text())
+    assert summary["images"] == 3 and summary["gt"] == 3 and summary["pred"] == len(results)
+    found = ("true_positive", "missed", "split_gt", "merged_gt")
+    assert sum(summary[kind] for kind in found) == 3
+    assert sum(summary[k] for k in ("true_positive", "extra", "split_pred", "merged_pred")) == len(
+        results
+    )
+    rows = (predictions / "errors.csv").read_text().splitlines()
+    assert rows[0].startswith("image,") and sorted(r.split(",")[0] for r in rows[1:]) == [
+        "a.tif", "b16.png", "c.png",
+    ]  # fmt: skip
+    assert all((predictions / f"{stem}_errors.png").exists() for stem in ("a", "b16", "c"))
+
+
+@pytest.mark.slow
 def test_label_image_numbers_detections_by_descending_score(predictions):
     predictions, _ = predictions
     results = json.loads((predictions / "results.json").read_text())
@@ -410,6 +449,7 @@ def test_label_image_overlaps_go_to_the_higher_score(tmp_path):
     assert read.dtype == np.uint16 and read.tolist() == expected
 
 
+@pytest.mark.slow
 def test_predict_bad_input_is_one_line_naming_the_file(fine_tuned, tmp_path, capsys):
     broken = tmp_path / "in" / "broken.png"
     broken.parent.mkdir()

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, write_coco, write_image
 
 import train
+from errors import CommandError
 
 FAST = [
     "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
@@ -25,12 +26,10 @@ FAST = [
 def main_error(*argv):
     """The one-line message train.main stops with."""
     args = train.get_args_parser().parse_args([*FAST, *argv])
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(CommandError) as error:
         train.main(args)
-    message = exit_info.value.code
-    assert isinstance(message, str) and message.startswith("error: ")
-    assert "\n" not in message
-    return message
+    assert "\n" not in error.value.message
+    return f"error: {error.value.message}"
 
 
 @pytest.fixture
@@ -145,6 +144,7 @@ def data_flags(root, *names):
     return flags
 
 
+@pytest.mark.slow
 def test_bad_images_stop_training_naming_the_file(bad_image_data):
     message = main_error(*data_flags(bad_image_data), "--aspect-ratio-group-factor", "-1")
     bad = ("truncated.png", "not_an_image.png", "wrong_size.png")
@@ -152,6 +152,7 @@ def test_bad_images_stop_training_naming_the_file(bad_image_data):
     assert "cannot read image" in message or "48 px but" in message or "64x48 px" in message
 
 
+@pytest.mark.slow
 def test_skip_bad_images_warns_counts_and_trains(bad_image_data, capsys):
     args = train.get_args_parser().parse_args(
         [*FAST, *data_flags(bad_image_data), "--skip-bad-images", "-b", "1"]
@@ -226,14 +227,17 @@ def final_weights(output_dir):
     return torch.load(output_dir / "checkpoint.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_reference_run_keeps_the_last_two_epoch_checkpoints(reference_run):
     assert sorted(p.name for p in reference_run.glob("model_*.pth")) == [
         "model_1.pth",
         "model_2.pth",
+        "model_best.pth",  # kept whatever --keep-last says
     ]
     assert [json.loads(line)["epoch"] for line in open(reference_run / "log.jsonl")] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_auto_gives_identical_weights(
     demo_root, reference_run, tmp_path
 ):
@@ -260,19 +264,23 @@ def test_sigkill_at_random_moments_then_resume_auto_gives_identical_weights(
     assert difference == 0
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_mid_epoch_checkpoint_and_exits_143(demo_root, reference_run, tmp_path):
     process = start_cli(demo_root, tmp_path)
     wait_for_line(process, lambda line: "Epoch: [1]  [0/2]" in line)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    assert checkpoint["epoch"] == 1 and checkpoint["iteration"] in (1, 2)
+    # The ranks learn of a signal in the next step's loss reduction: one that lands after the
+    # epoch's last reduction stops the run at the next epoch's start, after the epoch's checkpoint.
+    assert checkpoint["epoch"] == 1 and checkpoint.get("iteration", 2) in (1, 2)
     result = run_cli(demo_root, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     expected, resumed = final_weights(reference_run), final_weights(tmp_path)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_resume_errors_name_the_problem(demo_root, reference_run, tmp_path):
     common = ["--data-path", str(demo_root), "--output-dir", str(tmp_path)]
     assert main_error(*common, "--resume", str(tmp_path / "none.pth")).endswith("no such file")
@@ -298,6 +306,7 @@ def test_unwritable_output_dir_and_impossible_numbers(demo_root, tmp_path):
     assert "--epochs must be at least 1" in main_error("--epochs", "0")
 
 
+@pytest.mark.slow
 def test_cli_error_has_no_traceback_unless_debug(tmp_path):
     argv = [sys.executable, "train.py", "--device", "cpu", "--data-path", str(tmp_path / "x")]
     quiet = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -10,8 +10,12 @@ import torch
 from conftest import ROOT
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import models
+import recipes
 import train
+from engine import NonFiniteLossError
 
 FAST = [
     "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
@@ -35,10 +39,11 @@ def read_log(output_dir):
 @pytest.fixture(scope="module")
 def trained(demo_root, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("trained")
-    run_main(demo_root, output_dir, "--epochs", "2")
+    run_main(demo_root, output_dir, "--epochs", "2", "--tensorboard")
     return output_dir
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_loadable_with_weights_only(trained):
     for name in ("model_0.pth", "model_1.pth", "checkpoint.pth"):
         checkpoint = torch.load(trained / name, weights_only=True)
@@ -47,6 +52,7 @@ def test_training_writes_checkpoints_loadable_with_weights_only(trained):
     assert not list(trained.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_training_logs_one_json_line_per_epoch(trained):
     records = read_log(trained)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -57,6 +63,68 @@ def test_training_logs_one_json_line_per_epoch(trained):
     assert records[1]["train"]["loss"] < records[0]["train"]["loss"]
 
 
+@pytest.mark.slow
+def test_tensorboard_scalars_equal_the_log(trained):
+    events = EventAccumulator(str(trained / "tensorboard"))
+    events.Reload()
+    records = read_log(trained)
+    for iou_type in ("bbox", "segm"):
+        logged = [e.value for e in events.Scalars(f"{iou_type}/AP")]
+        assert logged == pytest.approx([r[iou_type][0] for r in records], abs=1e-6)
+    losses = [e.value for e in events.Scalars("train/loss")]
+    steps = len(losses) // len(records)
+    for epoch, record in enumerate(records):
+        average = sum(losses[epoch * steps : (epoch + 1) * steps]) / steps
+        assert average == pytest.approx(record["train"]["loss"], rel=1e-5)
+    assert "predictions/0" in events.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_the_epoch_with_the_highest_segm_ap(trained):
+    records = read_log(trained)
+    best = max(records, key=lambda r: r["segm"][0])
+    assert records[-1]["best"] == {
+        "metric": "segm/AP",
+        "epoch": best["epoch"],
+        "value": best["segm"][0],
+    }
+    saved = torch.load(trained / "model_best.pth", weights_only=True)
+    assert saved["epoch"] == best["epoch"]
+
+
+@pytest.mark.slow
+def test_config_toml_repeats_the_run(trained):
+    parser = train.get_args_parser()
+    repeated = recipes.parse_args(parser, ["--config", str(trained / "config.toml")])
+    saved = torch.load(trained / "checkpoint.pth", weights_only=True)["args"]
+    for name, value in vars(repeated).items():
+        if name not in recipes.NOT_RECORDED and name in saved:
+            assert value == saved[name], name
+
+
+@pytest.mark.slow
+def test_patience_stops_a_run_that_no_longer_improves(demo_root, tmp_path, monkeypatch, capsys):
+    scores = iter([0.2, 0.3, 0.25, 0.1])
+
+    def evaluation(*args, **kwargs):
+        return {"segm": [next(scores)] + [0.0] * 11}
+
+    monkeypatch.setattr(train, "evaluate_and_report", evaluation)
+    run_main(demo_root, tmp_path, "--epochs", "4", "--patience", "1", "--keep-last", "1")
+    records = read_log(tmp_path)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[-1]["best"] == {"metric": "segm/AP", "epoch": 1, "value": 0.3}
+    assert "early stop: segm/AP has not improved for 1 evaluations" in capsys.readouterr().out
+    assert torch.load(tmp_path / "model_best.pth", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / "model_1.pth").exists()  # --keep-last leaves model_best.pth alone
+
+
+def test_evaluation_every_n_epochs_and_at_the_last():
+    args = train.get_args_parser().parse_args(["--epochs", "5", "--eval-every", "2"])
+    assert [train.evaluates_at(args, epoch) for epoch in range(5)] == [0, 1, 0, 1, 1]
+
+
+@pytest.mark.slow
 def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path):
     run_main(demo_root, tmp_path, "--test-only", "--resume", str(trained / "checkpoint.pth"))
     result = json.loads((tmp_path / "eval.json").read_text())
@@ -66,6 +134,7 @@ def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path)
     assert result["segm"] == last_epoch["segm"]
 
 
+@pytest.mark.slow
 def test_results_files_reproduce_the_logged_stats_with_pycocotools(demo_root, trained):
     coco_gt = COCO(str(demo_root / "annotations" / "instances_val2017.json"))
     last_epoch = read_log(trained)[-1]
@@ -80,6 +149,7 @@ def test_results_files_reproduce_the_logged_stats_with_pycocotools(demo_root, tr
         assert coco_eval.stats.tolist() == pytest.approx(last_epoch[iou_type], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_next_epoch(demo_root, trained, tmp_path):
     shutil.copy(trained / "model_0.pth", tmp_path / "start.pth")
     run_main(demo_root, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "start.pth"))
@@ -87,10 +157,11 @@ def test_resume_continues_at_the_next_epoch(demo_root, trained, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
     checkpoint = torch.load(trained / "model_0.pth", weights_only=True)
     args = train.get_args_parser().parse_args(["--epochs", "2", "--lr", "0.01"])
-    model = train.get_model(args, checkpoint["num_classes"])
+    model = models.get_model(args, checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     optimizer = train.get_optimizer(args, model)
     scheduler = train.get_lr_scheduler(args, optimizer, checkpoint["iters_per_epoch"])
@@ -107,6 +178,7 @@ def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
     assert optimizer.param_groups[0]["lr"] == checkpoint["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.slow
 def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
     run_main(demo_root, tmp_path, "--epochs", "1", "--amp")
     (record,) = read_log(tmp_path)
@@ -114,8 +186,9 @@ def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["amp"] is True
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_earlier_checkpoint(demo_root, tmp_path, monkeypatch):
-    build = train.get_model
+    build = models.get_model
 
     def model_with_nan_after_first_epoch(args, num_classes):
         model = build(args, num_classes)
@@ -133,14 +206,15 @@ def test_non_finite_loss_stops_and_keeps_earlier_checkpoint(demo_root, tmp_path,
         model.forward = poisoned_forward
         return model
 
-    monkeypatch.setattr(train, "get_model", model_with_nan_after_first_epoch)
-    with pytest.raises(SystemExit) as exit_info:
+    monkeypatch.setattr(models, "get_model", model_with_nan_after_first_epoch)
+    with pytest.raises(NonFiniteLossError) as error:
         run_main(demo_root, tmp_path, "--epochs", "3")
-    message = str(exit_info.value.code)
+    message = error.value.message
     assert "non-finite loss at epoch 1, iteration 0" in message and "loss_mask=nan" in message
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_with_other_class_count(demo_root, trained, tmp_path, capsys):
     run_main(
         demo_root,
@@ -160,6 +234,7 @@ def run_cli(*argv):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -182,9 +257,39 @@ def test_model_flags_reach_the_torchvision_model():
         "--rpn-post-nms-top-n-test 300 --box-detections-per-img 400 "
         "--anchor-sizes 8 16 32 64 128".split()
     )
-    model = train.get_model(args, 3)
+    model = models.get_model(args, 3)
     heads = model.roi_heads
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.0, 0.6, 400)
     assert heads.fg_bg_sampler.batch_size_per_image == 32
     assert model.rpn._post_nms_top_n["testing"] == 300
     assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+
+
+@pytest.mark.slow
+def test_unet_trains_through_the_same_loop_and_test_only_reproduces_it(
+    demo_root, unet_checkpoint, tmp_path
+):
+    run_dir = unet_checkpoint.parent
+    records = read_log(run_dir)
+    assert [r["epoch"] for r in records] == list(range(6))
+    assert {"loss_foreground", "loss_border", "loss_classifier"} <= records[0]["train"].keys()
+    assert records[-1]["train"]["loss"] < records[0]["train"]["loss"]
+    assert "segm" not in records[0] and len(records[-1]["segm"]) == 12  # --eval-every 6
+    run_main(
+        demo_root, tmp_path, "--model", "unet_resnet18", "--test-only",
+        "--resume", str(unet_checkpoint),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["bbox"] == records[-1]["bbox"] and result["segm"] == records[-1]["segm"]
+
+
+@pytest.mark.slow
+def test_unet_resumes_at_the_next_epoch(demo_root, unet_checkpoint, tmp_path):
+    shutil.copy(unet_checkpoint.parent / "model_4.pth", tmp_path / "start.pth")
+    run_main(
+        demo_root, tmp_path, "--model", "unet_resnet18", "--epochs", "6", "--opt", "adamw",
+        "--lr", "0.003", "--resume", str(tmp_path / "start.pth"),
+    )  # fmt: skip
+    (record,) = read_log(tmp_path)
+    assert record["epoch"] == 5
+    assert record["train"] == pytest.approx(read_log(unet_checkpoint.parent)[-1]["train"])

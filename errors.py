@@ -1,0 +1,56 @@
+"""The errors a command reports as one line: bad configuration, bad data, bad checkpoint.
+
+Library code raises them with a message that names the file, flag or item and what is wrong;
+each command (train.py, predict.py, coco_eval.py, ...) turns them into that line and its exit
+status in one place (`one_line_errors`). Imports only the standard library, so light commands
+stay light.
+"""
+
+import contextlib
+import sys
+
+# What a DataLoader worker's exception becomes in the main process: torch re-raises it as the
+# same class, built from the worker's formatted traceback, whose last line is "<class>: message".
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+class CommandError(Exception):
+    """A problem the user can fix; `message` is the one line to print."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = _own_message(str(message), type(self).__name__)
+
+    def __str__(self):
+        return self.message
+
+
+class ConfigError(CommandError):
+    """Impossible flags or recipe values: a flag, a key or their combination."""
+
+
+class DataError(CommandError):
+    """A problem in the data: an annotation file, an image, an item of either."""
+
+
+class CheckpointError(CommandError):
+    """A file that is not a checkpoint (or weights) this repo can use."""
+
+
+def _own_message(text, class_name):
+    """The message itself, also when a DataLoader worker's re-raise wrapped it in a traceback."""
+    if _WORKER_TRACEBACK not in text:
+        return text
+    last_line = text.strip().splitlines()[-1]
+    return last_line.split(f"{class_name}: ", 1)[-1]
+
+
+@contextlib.contextmanager
+def one_line_errors(command, status=2):
+    """Turns a CommandError raised inside into `<command>: error: <message>` on stderr and exit
+    status `status`: the one place a command reports bad input."""
+    try:
+        yield
+    except CommandError as e:
+        print(f"{command}: error: {e.message}", file=sys.stderr, flush=True)
+        raise SystemExit(status) from None

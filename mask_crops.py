@@ -1,0 +1,127 @@
+"""torchvision Mask R-CNN inference whose masks never exist at the image's full size: predict.py's
+model path.
+
+    detections = mask_crops.predict(model, image, choose)
+
+In eval mode torchvision's `MaskRCNN` pastes every detection's 28x28 mask probabilities into a
+zero float tensor of the whole image (`paste_masks_in_image`, a Python loop over detections)
+and stacks them: N x H x W x 4 bytes written, read again to threshold them, for masks that cover
+a box each. `predict` runs the same modules (transform, backbone, RPN, RoI heads) in the same
+order and stops before that paste. `choose` picks and orders the detections to keep from their
+scores and labels; only those go through the mask head, and `paste_crops` resizes each one's
+mask exactly as torchvision does, thresholds it inside its box only, and `paste_rles` encodes
+the crop as compressed RLE of the whole image (tiling.crop_to_rle). Boxes, labels, scores and
+binary masks are those of `model(images)` with masks above MASK_THRESHOLD
+(tests/test_mask_crops.py).
+
+`keep_freed_memory()` makes glibc's malloc keep the memory that tensors free for the next ones,
+instead of handing it back to the kernel and faulting it in again, page by page, on every image.
+"""
+
+import ctypes
+import ctypes.util
+import functools
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, maskrcnn_inference
+from torchvision.models.detection.transform import resize_boxes
+
+from coco_results import MASK_THRESHOLD
+from tiling import crop_to_rle
+
+# glibc's mallopt parameters.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def keep_freed_memory():
+    """Makes malloc serve every block from its heap and keep freed memory there (up to 2 GiB
+    above what is in use); does nothing where the C library has no mallopt."""
+    # glibc maps each block above its mmap threshold (32 MiB at most) afresh and unmaps it when
+    # freed; the feature maps of an image at full size are such blocks, so every image would
+    # page-fault its gigabytes of activations in again.
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def is_mask_rcnn(model):
+    """Whether `predict` can run `model`: a torchvision Mask R-CNN in eval mode."""
+    return isinstance(model, MaskRCNN) and not model.training
+
+
+def predict(model, image, choose):
+    """The detections of one [3, H, W] float image that `choose(scores, labels)` keeps, in the
+    order of the indices it returns: boxes, labels and scores on the CPU, and masks as a list of
+    compressed RLE dicts of the whole image (pycocotools' format, counts as bytes)."""
+    height, width = image.shape[-2:]
+    batch, _ = model.transform([image])
+    features = model.backbone(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = {"0": features}
+    proposals, _ = model.rpn(batch, features)
+    boxes, scores, labels = box_detections(model.roi_heads, features, proposals, batch.image_sizes)
+    order = choose(scores, labels).to(boxes.device)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    probabilities = mask_probabilities(model.roi_heads, features, boxes, labels, batch.image_sizes)
+    boxes = resize_boxes(boxes, batch.image_sizes[0], [height, width])
+    return {
+        "boxes": boxes.cpu(),
+        "labels": labels.cpu(),
+        "scores": scores.cpu(),
+        "masks": paste_rles(probabilities, boxes, height, width),
+    }
+
+
+def box_detections(heads, features, proposals, image_sizes):
+    """(boxes, scores, labels) of one image from the box branch of torchvision's RoIHeads, in the
+    resized image's pixels."""
+    pooled = heads.box_roi_pool(features, proposals, image_sizes)
+    class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+    boxes, scores, labels = heads.postprocess_detections(
+        class_logits, box_regression, proposals, image_sizes
+    )
+    return boxes[0], scores[0], labels[0]
+
+
+def mask_probabilities(heads, features, boxes, labels, image_sizes):
+    """[N, 1, M, M] mask probabilities of each box's label, from the mask branch of RoIHeads."""
+    pooled = heads.mask_roi_pool(features, [boxes], image_sizes)
+    logits = heads.mask_predictor(heads.mask_head(pooled))
+    return maskrcnn_inference(logits, [labels])[0]
+
+
+def paste_crops(masks, boxes, height, width, threshold=MASK_THRESHOLD):
+    """torchvision's paste_masks_in_image above `threshold`, box by box: for [N, 1, M, M] mask
+    probabilities and their [N, 4] boxes (x0, y0, x1, y1) in a height x width image, a list of
+    (top, left, crop): the boolean numpy crop of the pasted mask inside the image at (top, left),
+    outside which the pasted mask is empty."""
+    # The same padding, box expansion, size rounding and interpolation as paste_mask_in_image,
+    # so that every pixel inside the box gets the very same probability.
+    padded, scale = expand_masks(masks, padding=1)
+    corners = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    crops = []
+    for mask, (x0, y0, x1, y1) in zip(padded, corners, strict=True):
+        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+        resized = F.interpolate(
+            mask[0].expand((1, 1, -1, -1)), size=size, mode="bilinear", align_corners=False
+        )[0, 0]
+        top, left = max(y0, 0), max(x0, 0)
+        bottom, right = max(min(y1 + 1, height), top), max(min(x1 + 1, width), left)
+        crop = resized[top - y0 : bottom - y0, left - x0 : right - x0] > threshold
+        crops.append((top, left, crop.cpu().numpy()))
+    return crops
+
+
+def paste_rles(masks, boxes, height, width, threshold=MASK_THRESHOLD):
+    """Compressed RLE of each mask of paste_crops, as pycocotools.mask.encode of the full-size
+    binary mask gives it."""
+    return [
+        crop_to_rle(crop, top, left, height, width)
+        for top, left, crop in paste_crops(masks, boxes, height, width, threshold)
+    ]

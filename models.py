@@ -1,0 +1,371 @@
+"""Models by name or from a checkpoint: the one place train.py, predict.py, ensemble.py and
+export.py get a model from.
+
+`get_model(args, num_classes)` builds `args.model` (a torchvision detection model, or a U-Net of
+unet.py) with the model flags of `add_model_args`, loading `--weights` and re-initialising the
+class-dependent layers when the class count differs. `load_model(path)` rebuilds the model a
+checkpoint of train.py was trained as, with its weights.
+"""
+
+import argparse
+import os
+
+import torch
+import torchvision
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import FrozenBatchNorm2d
+
+import unet
+import utils
+from errors import CheckpointError, ConfigError
+from tiling import TiledModel
+from tta import TTA
+
+# Flags whose default (None) keeps the builder's own value, given in the help.
+SIZE_AND_RCNN_FLAGS = (
+    ("--trainable-backbone-layers", int, "0-5; with pretrained weights"),
+    ("--min-size", int, "shorter image side fed to the model (800)"),
+    ("--max-size", int, "longer image side limit (1333)"),
+    ("--rpn-score-thresh", float, "RPN proposal score threshold"),
+    ("--rpn-post-nms-top-n-train", int, "RPN proposals kept in training (2000)"),
+    ("--rpn-post-nms-top-n-test", int, "RPN proposals kept at inference (1000)"),
+    ("--box-batch-size-per-image", int, "RoIs sampled per training image (512)"),
+    ("--box-score-thresh", float, "lowest score of a kept detection (0.05)"),
+    (
+        "--box-nms-thresh",
+        float,
+        "IoU above which a detection suppresses another (0.5); higher keeps touching objects",
+    ),
+)
+# The U-Net's flags: flag, default (its type is the flag's), help.
+UNET_FLAGS = (
+    ("--unet-border-width", 2, "pixels (of the resized image) either side of where nuclei meet "
+     "that are border"),
+    ("--unet-border-weight", 2.0, "factor on the border loss"),
+    ("--unet-foreground-thresh", 0.5, "foreground probability above which a pixel belongs to a "
+     "nucleus; at least 0.5"),
+    ("--unet-border-thresh", 0.5, "border probability above which a pixel is no seed of the "
+     "watershed"),
+    ("--unet-min-area", 10, "smallest instance kept, in pixels"),
+)  # fmt: skip
+# Layers of the R-CNN models that depend on the number of classes; fine-tuning re-initialises them.
+RCNN_CLASS_DEPENDENT_PREFIXES = (
+    "roi_heads.box_predictor.",
+    "roi_heads.mask_predictor.mask_fcn_logits.",
+)
+
+
+def add_model_args(parser):
+    """The model flags, shared by train.py and every command that rebuilds a saved model."""
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="maskrcnn_resnet50_fpn",
+        help=f"torchvision detection model name, or a U-Net: {', '.join(unet.MODELS)}",
+    )
+    model.add_argument(
+        "--weights", help="torchvision weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a file"
+    )
+    model.add_argument("--weights-backbone", help="torchvision backbone weights name")
+    model.add_argument(
+        "--num-classes",
+        type=int,
+        help="classes including background (default: largest category id + 1; 91 for COCO)",
+    )
+    for flag, kind, text in SIZE_AND_RCNN_FLAGS:
+        model.add_argument(flag, type=kind, help=text)
+    model.add_argument(
+        "--box-detections-per-img", default=100, type=int, help="detections kept per image"
+    )
+    model.add_argument(
+        "--anchor-sizes",
+        type=int,
+        nargs="+",
+        help="RPN anchor size in pixels (of the resized image) for each of the 5 FPN levels "
+        "(default 32 64 128 256 512); 8 16 32 64 128 for objects under about 32 px",
+    )
+    model.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm under DDP")
+    add_unet_args(parser)
+    return parser
+
+
+def add_unet_args(parser):
+    """The U-Net's own flags: the targets and losses it learns, and its watershed."""
+    group = parser.add_argument_group("U-Net (unet_*)")
+    for flag, default, text in UNET_FLAGS:
+        group.add_argument(flag, default=default, type=type(default), help=f"{text} ({default})")
+
+
+def add_inference_args(parser):
+    """How evaluation and predict.py run a model: window by window, and over flipped views."""
+    group = parser.add_argument_group("inference")
+    group.add_argument(
+        "--tile",
+        type=int,
+        help="run window by window: windows of this many pixels (the model's input size), for "
+        "images too large to segment at once",
+    )
+    group.add_argument(
+        "--tile-overlap", default=64, type=int, help="pixels neighbouring windows share (64)"
+    )
+    group.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: horizontal and vertical flips, merged mask by mask",
+    )
+
+
+def inference_model(args, model):
+    """`model` as evaluation and predict.py run it: with --tta over flipped views, with --tile
+    window by window."""
+    if args.tta:
+        model = TTA(model)
+    if args.tile is not None:
+        model = TiledModel(model, args.tile, args.tile_overlap)
+    return model
+
+
+def model_defaults():
+    """The model flags' defaults, as a namespace."""
+    return add_model_args(argparse.ArgumentParser(add_help=False)).parse_args([])
+
+
+def dests(flags):
+    """The argparse destinations of a table of flags."""
+    return [flag[0].removeprefix("--").replace("-", "_") for flag in flags]
+
+
+def model_kwargs(args):
+    """Keyword arguments for the model builder; unset options keep the builder's defaults."""
+    kwargs = {"min_size": args.min_size, "max_size": args.max_size}
+    if args.trainable_backbone_layers is not None:
+        kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    if is_unet(args.model):
+        # --unet-border-width is the U-Net's border_width, and so on.
+        kwargs.update({dest[len("unet_") :]: getattr(args, dest) for dest in dests(UNET_FLAGS)})
+    if "rcnn" in args.model:
+        # --rpn-score-thresh is torchvision's rpn_score_thresh, and so on.
+        rcnn = [dest for dest in dests(SIZE_AND_RCNN_FLAGS) if dest.startswith(("rpn_", "box_"))]
+        kwargs.update({dest: getattr(args, dest) for dest in [*rcnn, "box_detections_per_img"]})
+        if args.anchor_sizes:
+            kwargs["rpn_anchor_generator"] = AnchorGenerator(
+                sizes=tuple((s,) for s in args.anchor_sizes),
+                aspect_ratios=((0.5, 1.0, 2.0),) * len(args.anchor_sizes),
+            )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build(name, **kwargs):
+    """A model by name: a U-Net of unet.py or any torchvision model."""
+    if is_unet(name):
+        try:
+            return unet.MODELS[name](**kwargs)
+        except ValueError as e:
+            raise ConfigError(f"--model {name}: {e}") from None
+    try:
+        return torchvision.models.get_model(name, **kwargs)
+    except ValueError as e:
+        if name not in torchvision.models.list_models():
+            raise ConfigError(f"--model {name}: no such torchvision model or U-Net") from None
+        raise ConfigError(f"--model {name}: {e}") from None
+
+
+def get_model(args, num_classes):
+    """Builds `args.model`; `--weights` may name torchvision weights or a local file."""
+    kwargs = model_kwargs(args)
+    if args.weights and not os.path.isfile(args.weights):
+        try:
+            weights = torchvision.models.get_weight(args.weights)
+        except (ValueError, KeyError):
+            raise ConfigError(
+                f"--weights {args.weights}: neither a file nor a torchvision weights name"
+            ) from None
+        model = build(args.model, weights=weights, **kwargs)
+        if len(weights.meta["categories"]) != num_classes:
+            replace_class_layers(model, num_classes)
+        return model
+    model = build(
+        args.model,
+        weights=None,
+        weights_backbone=args.weights_backbone,
+        num_classes=num_classes,
+        **kwargs,
+    )
+    if args.weights:
+        load_fitting_weights(model, args.weights)
+    return model
+
+
+def class_dependent_prefixes(model):
+    return getattr(model, "CLASS_DEPENDENT_PREFIXES", RCNN_CLASS_DEPENDENT_PREFIXES)
+
+
+def replace_class_layers(model, num_classes):
+    """Fresh class-dependent layers, for fine-tuning to another class count; prints which."""
+    if hasattr(model, "replace_class_head"):
+        replaced = model.replace_class_head(num_classes)
+    else:
+        replaced = replace_rcnn_predictors(model, num_classes)
+    print_reinitialised(replaced)
+
+
+def replace_rcnn_predictors(model, num_classes):
+    """Fresh box and mask predictors of an R-CNN model; returns the replaced layers' names.
+
+    The mask predictor keeps its class-independent upsampling layer (conv5_mask).
+    """
+    heads = getattr(model, "roi_heads", None)
+    if heads is None:
+        raise ConfigError("fine-tuning to another number of classes needs an R-CNN or U-Net model")
+    heads.box_predictor = FastRCNNPredictor(heads.box_predictor.cls_score.in_features, num_classes)
+    replaced = ["roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"]
+    if heads.has_mask():
+        logits = torch.nn.Conv2d(heads.mask_predictor.conv5_mask.out_channels, num_classes, 1)
+        # MaskRCNNPredictor's initialisation.
+        torch.nn.init.kaiming_normal_(logits.weight, mode="fan_out", nonlinearity="relu")
+        torch.nn.init.zeros_(logits.bias)
+        heads.mask_predictor.mask_fcn_logits = logits
+        replaced.append("roi_heads.mask_predictor.mask_fcn_logits")
+    return replaced
+
+
+def print_reinitialised(layers):
+    utils.print_main(f"re-initialised (class count differs): {', '.join(layers)}")
+
+
+def freeze_batch_norm(module):
+    """Swaps BatchNorm2d layers for FrozenBatchNorm2d, as torchvision builds pretrained models."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
+        else:
+            freeze_batch_norm(child)
+
+
+def has_frozen_batch_norm(state):
+    """A state dict saved from a model whose BatchNorm was frozen (pretrained torchvision models)
+    has no num_batches_tracked buffers."""
+    return not any(k.endswith("num_batches_tracked") for k in state)
+
+
+def read_state_dict(path):
+    """The state dict of a weights file: a plain state dict or a checkpoint's 'model' entry."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"--weights {path}: not a loadable checkpoint ({e})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"--weights {path}: holds no state dict (or 'model' entry)")
+    return state
+
+
+def load_fitting_weights(model, path):
+    """Loads a state dict or checkpoint file, re-initialising class-dependent layers that differ.
+
+    Any other difference is an error naming the tensor.
+    """
+    state = read_state_dict(path)
+    if has_frozen_batch_norm(state):
+        freeze_batch_norm(model)
+    own = model.state_dict()
+    classes = class_dependent_prefixes(model)
+    # A class head may exist on one side only (the U-Net has none for one category).
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.startswith(classes)]
+    if [k for k in missing if not k.startswith(classes)] or unexpected:
+        raise CheckpointError(
+            f"--weights {path}: not weights of this {type(model).__name__}: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    state = {k: v for k, v in state.items() if k in own}
+    different = [k for k, v in state.items() if v.shape != own[k].shape]
+    for key in different:
+        if not key.startswith(classes):
+            raise CheckpointError(
+                f"--weights {path}: tensor {key} has shape {tuple(state[key].shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k not in different}, strict=False)
+    fresh = [*different, *missing]
+    if fresh:
+        print_reinitialised(list(dict.fromkeys(k.rsplit(".", 1)[0] for k in fresh)))
+
+
+def is_unet(name):
+    return name in unet.MODELS
+
+
+def is_mask_model(name):
+    """Whether the model called `name` predicts instance masks."""
+    return "maskrcnn" in name or is_unet(name)
+
+
+def predicts_masks(model):
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None:
+        return heads.has_mask()
+    return getattr(model, "predicts_masks", False)
+
+
+def iou_types_of(model):
+    return ["bbox", "segm"] if predicts_masks(model) else ["bbox"]
+
+
+def saved_args(checkpoint):
+    """The model flags a checkpoint was trained with, over today's defaults."""
+    args = model_defaults()
+    vars(args).update(checkpoint["args"])
+    # Everything comes from the checkpoint: no pretrained weights to download or merge.
+    args.weights = args.weights_backbone = args.trainable_backbone_layers = None
+    return args
+
+
+def model_from_checkpoint(checkpoint, path):
+    """The model a checkpoint of train.py was trained as, holding its weights (on the CPU)."""
+    args = saved_args(checkpoint)
+    state = checkpoint["model"]
+    num_classes = checkpoint.get("num_classes") or args.num_classes
+    if num_classes is None and "roi_heads.box_predictor.cls_score.weight" in state:
+        num_classes = len(state["roi_heads.box_predictor.cls_score.weight"])
+    try:
+        model = get_model(args, num_classes)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot build model {args.model!r} ({e})") from None
+    if has_frozen_batch_norm(state):
+        freeze_batch_norm(model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = " ".join(str(e).strip().splitlines())
+        raise CheckpointError(f"{path}: weights do not fit {args.model} ({first})") from None
+    return model
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on `device`, checkpoint) for a checkpoint of train.py, an ensemble
+    file of ensemble.py, or an ONNX (.onnx) or torch.export (.pt2) file of export.py; the
+    checkpoint of the last three is a dict with category_names, label_offset and num_classes."""
+    # The ensemble and the exporters (onnxruntime) load only for their own files.
+    if path.endswith((".onnx", ".pt2")):
+        import export
+
+        model = export.OnnxModel(path) if path.endswith(".onnx") else export.ExportedModel(path)
+        return model, exported_checkpoint(model)
+    record = utils.load_file(path)
+    if isinstance(record, dict) and record.get("kind") == "ensemble":
+        import ensemble
+
+        return ensemble.ensemble_from_checkpoint(record, path, device)
+    checkpoint = utils.checked_checkpoint(record, path)
+    model = model_from_checkpoint(checkpoint, path)
+    return model.to(device).eval(), checkpoint
+
+
+def exported_checkpoint(model):
+    """What predict.py reads of a checkpoint, for an exported file."""
+    names = model.category_names
+    num_classes = max(names, default=0) + model.label_offset + 1
+    return {"category_names": names, "label_offset": model.label_offset, "num_classes": num_classes}

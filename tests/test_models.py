@@ -1,0 +1,78 @@
+"""models.py: models by name, weights that fit, checkpoints back to models."""
+
+import pytest
+import torch
+
+import models
+import train
+from errors import CheckpointError, ConfigError
+from tiling import TiledModel
+from tta import TTA
+
+UNET = ["--model", "unet_resnet18", "--min-size", "64", "--max-size", "64"]
+
+
+def model_args(*argv):
+    return train.get_args_parser().parse_args(list(argv))
+
+
+def save_checkpoint(path, args, model, num_classes):
+    checkpoint = {"model": model.state_dict(), "args": vars(args), "epoch": 0}
+    checkpoint.update(num_classes=num_classes, category_names={1: "nucleus"}, label_offset=0)
+    torch.save(checkpoint, path)
+
+
+def test_unet_flags_reach_the_unet():
+    args = model_args(*UNET, "--unet-min-area", "25", "--unet-border-weight", "3")
+    model = models.get_model(args, 2)
+    assert model.watershed_kwargs["min_area"] == 25 and model.border_weight == 3.0
+    assert models.iou_types_of(model) == ["bbox", "segm"]
+    assert models.is_mask_model("unet_resnet34") and not models.is_mask_model("fcos_resnet50_fpn")
+
+
+def test_an_unknown_model_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="--model unet_resnet7: no such torchvision model"):
+        models.get_model(model_args("--model", "unet_resnet7"), 2)
+
+
+@pytest.mark.parametrize(("saved", "wanted"), [(3, 2), (2, 3)])
+def test_unet_weights_fit_another_class_count(tmp_path, capsys, saved, wanted):
+    args = model_args(*UNET)
+    torch.manual_seed(0)
+    source = models.get_model(args, saved)
+    save_checkpoint(tmp_path / "saved.pth", args, source, saved)
+    args.weights = str(tmp_path / "saved.pth")
+    model = models.get_model(args, wanted)
+    replaced = "re-initialised (class count differs): class_head" in capsys.readouterr().out
+    assert replaced == (wanted > 2)  # with one category there is no class head to replace
+    assert torch.equal(model.head.weight, source.head.weight)
+    assert (model.class_head is None) == (wanted == 2)
+
+
+def test_a_saved_unet_comes_back_as_it_was(tmp_path):
+    args = model_args(*UNET, "--unet-min-area", "5")
+    torch.manual_seed(0)
+    model = models.get_model(args, 3).eval()
+    save_checkpoint(tmp_path / "unet.pth", args, model, 3)
+    loaded, checkpoint = models.load_model(str(tmp_path / "unet.pth"))
+    assert checkpoint["num_classes"] == 3 and loaded.watershed_kwargs["min_area"] == 5
+    image = torch.rand(3, 48, 40)
+    with torch.no_grad():
+        expected, actual = model([image])[0], loaded([image])[0]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_checkpoint_of_another_model_is_an_error_naming_it(tmp_path):
+    checkpoint = {"model": {"x": torch.zeros(1)}, "args": {"model": "unet_resnet18"}, "epoch": 0}
+    torch.save({**checkpoint, "num_classes": 2}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'x.pth'}: weights do not fit"):
+        models.load_model(str(tmp_path / "x.pth"))
+
+
+def test_inference_wrappers_follow_the_flags():
+    model = torch.nn.Identity()
+    assert models.inference_model(model_args(), model) is model
+    wrapped = models.inference_model(model_args("--tta", "--tile", "128"), model)
+    assert isinstance(wrapped, TiledModel) and isinstance(wrapped.model, TTA)
+    with pytest.raises(ConfigError, match="--tile 64 must be larger than --tile-overlap 64"):
+        models.inference_model(model_args("--tile", "64"), model)
