@@ -342,7 +342,9 @@ def same_instances(first, second):
             continue
         same = (a["boxes"] == b["boxes"]).all(1) & (a["labels"] == b["labels"])
         same &= a["scores"] == b["scores"]
-        same &= torch.tensor([x == y for x, y in zip(a["rles"], b["rles"], strict=True)])
+        same &= torch.tensor(
+            [x == y for x, y in zip(a["rles"], b["rles"], strict=True)], dtype=torch.bool
+        )
         total += len(same)
         differ += int((~same).sum())
     return total, differ
@@ -357,7 +359,8 @@ def onnx_agreement(plain, onnx, height, width):
     for a, b in zip(plain, onnx, strict=True):
         if len(a["scores"]) != len(b["scores"]):
             return {"same_counts": False}
-        box_diff = max(box_diff, float((a["boxes"] - b["boxes"]).abs().max(initial=0)))
+        if len(a["scores"]):
+            box_diff = max(box_diff, float((a["boxes"] - b["boxes"]).abs().max()))
         for x, y in zip(a["rles"], b["rles"], strict=True):
             rles = [{"size": [height, width], "counts": c.encode("ascii")} for c in (x, y)]
             ious.append(float(mask_util.iou([rles[0]], [rles[1]], [0])[0, 0]))
@@ -403,6 +406,51 @@ def export_onnx(folder, path):
     export.export_onnx(model, path, metadata)
 
 
+def run_methods(methods, folder, args):
+    """{method: [its result per repeat]}, methods interleaved, their order rotated per repeat."""
+    results = {method: [] for method in methods}
+    for repeat in range(args.repeats):
+        shift = repeat % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            print(f"repeat {repeat + 1}/{args.repeats}: {method}", file=sys.stderr)
+            results[method].append(run_worker(method, folder, args))
+    return results
+
+
+def summarize(results, args):
+    """The figures of a run: speed, page faults, stages and the check of the outputs."""
+    figures = {"machine": common.machine("cpu"), "settings": vars(args), "methods": {}}
+    figures["machine"]["threads"] = results["plain"][0]["threads"]
+    for method, passes in results.items():
+        figures["methods"][method] = {
+            "images_per_s": common.summary([len(p["seconds"]) / sum(p["seconds"]) for p in passes]),
+            "faults_per_image": statistics.median(f for p in passes for f in p["faults"]),
+            "seconds_per_image": [p["seconds"] for p in passes],
+        }
+    figures["stages"] = {
+        method: stage_summary([p["stages"] for p in passes])
+        for method, passes in results.items()
+        if method in BREAKDOWN_METHODS
+    }
+    plain = results["plain"][0]["outputs"]
+    checks = [
+        same_instances(plain, p["outputs"])
+        for method, passes in results.items()
+        if method != "onnx"
+        for p in passes
+    ]
+    differ = sum(d for _, d in checks)
+    figures["identity"] = {
+        "instances": checks[0][0],
+        "images": len(plain),
+        "differing": differ,
+        "identical": differ == 0,
+    }
+    if "onnx" in results:
+        figures["onnx_agreement"] = onnx_agreement(plain, results["onnx"][0]["outputs"], *args.size)
+    return figures
+
+
 def main(args):
     if args.worker:
         worker(args)
@@ -415,45 +463,13 @@ def main(args):
     methods += ALLOCATOR_METHODS if args.allocator else []
     methods += BREAKDOWN_METHODS if args.breakdown else []
     methods += ["onnx"] if args.onnx else []
-    results = {method: [] for method in methods}
     load_at_start = os.getloadavg()
-    for repeat in range(args.repeats):
-        shift = repeat % len(methods)
-        for method in methods[shift:] + methods[:shift]:
-            print(f"repeat {repeat + 1}/{args.repeats}: {method}", file=sys.stderr)
-            results[method].append(run_worker(method, folder, args))
-    plain = results["plain"][0]["outputs"]
-    figures = {"machine": common.machine("cpu"), "settings": vars(args), "methods": {}}
-    figures["machine"]["threads"] = results["plain"][0]["threads"]
+    figures = summarize(run_methods(methods, folder, args), args)
     figures["machine"]["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
-    for method, passes in results.items():
-        figures["methods"][method] = {
-            "images_per_s": common.summary([len(p["seconds"]) / sum(p["seconds"]) for p in passes]),
-            "faults_per_image": statistics.median(f for p in passes for f in p["faults"]),
-        }
-    figures["stages"] = {
-        method: stage_summary([p["stages"] for p in results[method]])
-        for method in methods
-        if method in BREAKDOWN_METHODS
-    }
-    checks = [
-        same_instances(plain, p["outputs"])
-        for method in methods
-        if method != "onnx"
-        for p in results[method]
-    ]
-    total, differ = checks[0][0], sum(d for _, d in checks)
-    figures["identity"] = {
-        "instances": total,
-        "images": args.images,
-        "differing": differ,
-        "identical": differ == 0,
-    }
-    if args.onnx:
-        figures["onnx_agreement"] = onnx_agreement(plain, results["onnx"][0]["outputs"], *args.size)
     print_table(figures)
     common.write_json(args.json, figures)
-    if differ:
+    if not figures["identity"]["identical"]:
+        differ = figures["identity"]["differing"]
         raise SystemExit(f"predict_bench: {differ} instances differ from the plain loop's")
 
 

@@ -1,12 +1,14 @@
 """mask_crops.py: masks pasted box by box equal torchvision's full-size paste above 0.5, and
 predict.py's Mask R-CNN path gives what the plain model gives."""
 
-import platform
-import resource
+import contextlib
+import io
+import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
@@ -80,8 +82,8 @@ def test_rles_equal_pycocotools_encoding_of_the_pasted_masks():
 def mask_rcnn():
     """A small untrained Mask R-CNN whose BatchNorm statistics come from an image (as training
     sets them; the default ones blow the activations up) and whose classes 1 and 2 are favoured,
-    so that it finds boxes of many sizes with non-trivial masks; that image, and the model's own
-    output on it (masks pasted at full size by torchvision)."""
+    so that it finds boxes of many sizes with non-trivial masks; that image, the model's own
+    output on it (masks pasted at full size by torchvision), and the model flags."""
     torch.manual_seed(0)
     args = models.model_defaults()
     vars(args).update(
@@ -106,12 +108,12 @@ def mask_rcnn():
     model.eval()
     with torch.inference_mode():
         output = model(engine.images_to_device([image], "cpu"))[0]
-    return model, image, output
+    return model, image, output, args
 
 
 @pytest.mark.parametrize(("score_thresh", "labels"), [(0.0, None), ("median", [2, 3])])
 def test_predict_image_gives_the_plain_models_detections_and_masks(mask_rcnn, score_thresh, labels):
-    model, image, output = mask_rcnn
+    model, image, output, _ = mask_rcnn
     if score_thresh == "median":
         score_thresh = output["scores"].median().item()
     order = predict.kept_in_order(output["scores"], output["labels"], score_thresh, labels)
@@ -132,10 +134,30 @@ def test_predict_image_gives_the_plain_models_detections_and_masks(mask_rcnn, sc
     assert np.array_equal(labels_image, predict.label_image(expected["masks"], height, width))
 
 
+def test_predict_py_writes_the_files_it_writes_with_the_plain_model(
+    mask_rcnn, tmp_path, monkeypatch
+):
+    model, image, output, args = mask_rcnn
+    names = {1: "a", 2: "b", 3: "c"}
+    checkpoint = {"model": model.state_dict(), "args": vars(args), "epoch": 0}
+    checkpoint.update(num_classes=4, category_names=names, label_offset=0)
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "x.png")
+    argv = ["--weights", str(tmp_path / "checkpoint.pth"), "--input", str(tmp_path / "x.png")]
+    argv += ["--score-thresh", str(output["scores"].median().item())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        predict.main([*argv, "--output", str(tmp_path / "crops")])
+        monkeypatch.setattr(mask_crops, "is_mask_rcnn", lambda model: False)
+        predict.main([*argv, "--output", str(tmp_path / "plain")])
+    assert len(json.loads((tmp_path / "crops" / "results.json").read_text())) >= 10
+    for name in ("results.json", "x_labels.png", "x_overlay.png"):
+        assert (tmp_path / "crops" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
 def test_a_model_in_training_mode_or_another_model_takes_the_plain_path(mask_rcnn):
-    model, _, _ = mask_rcnn
+    model, *_ = mask_rcnn
     assert mask_crops.is_mask_rcnn(model)
-    assert not mask_crops.is_mask_rcnn(model.train(False).backbone)
+    assert not mask_crops.is_mask_rcnn(model.backbone)
     model.train()
     try:
         assert not mask_crops.is_mask_rcnn(model)
@@ -144,17 +166,6 @@ def test_a_model_in_training_mode_or_another_model_takes_the_plain_path(mask_rcn
 
 
 def test_no_kept_detection_gives_no_masks(mask_rcnn):
-    model, image, _ = mask_rcnn
+    model, image, *_ = mask_rcnn
     got = predict.predict_image(model, image, "cpu", 1.1)
     assert got["masks"] == [] and got["boxes"].shape == (0, 4) and got["scores"].numel() == 0
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_freed_memory_is_reused_without_page_faults():
-    mask_crops.keep_freed_memory()
-    size = 64 * 2**20 // 4  # above glibc's largest mmap threshold (32 MiB)
-    torch.ones(size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(size)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < size * 4 // resource.getpagesize() // 10
