@@ -38,10 +38,10 @@ to $TMPDIR/maskrcnn_benchmarks/predict_bench: run predict.py on them with
 """
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,9 +93,6 @@ def get_args_parser():
     parser.add_argument("--breakdown", action="store_true", help="add the stage-by-stage runs")
     parser.add_argument("--onnx", help="ONNX file to time too (exported there if missing)")
     parser.add_argument("--json", help="write the figures to this JSON file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser
 
 
@@ -294,42 +291,65 @@ def comparable(detections):
     }
 
 
-def worker(args):
-    """One method's pass over the images, in this process: writes its timings and outputs."""
+def serve(connection, method, folder, args):
+    """A worker process: loads the checkpoint and images, runs `method` once untimed, then runs
+    it on each image index it receives, answering with the time, page faults and outputs."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = sorted((Path(args.data) / "images").glob("*.png"))
-    images = [load_image(str(path)) for path in paths]
-    model, _ = models.load_model(str(Path(args.data) / "checkpoint.pth"))
-    run = method_runner(args.worker, model, args)
+    images = [load_image(str(path)) for path in sorted((folder / "images").glob("*.png"))]
+    model, _ = models.load_model(str(folder / "checkpoint.pth"))
+    run = method_runner(method, model, args)
     with torch.inference_mode():
         run(images[0])
-        if hasattr(run, "stages"):
-            run.stages.clear()
-        seconds, faults, outputs = [], [], []
-        for image in images:
+        connection.send(torch.get_num_threads())
+        while (index := connection.recv()) is not None:
             start, start_faults = time.perf_counter(), minor_faults()
-            detections = run(image)
-            seconds.append(time.perf_counter() - start)
-            faults.append(minor_faults() - start_faults)
-            outputs.append(comparable(detections))
-    result = {"seconds": seconds, "faults": faults, "outputs": outputs}
-    result["stages"] = getattr(run, "stages", [])
-    result["threads"] = torch.get_num_threads()
-    torch.save(result, args.result)
+            detections = run(images[index])
+            seconds = time.perf_counter() - start
+            result = {"seconds": seconds, "faults": minor_faults() - start_faults}
+            result["output"] = comparable(detections)
+            result["stages"] = run.stages[-1] if hasattr(run, "stages") else None
+            connection.send(result)
 
 
-def run_worker(method, folder, args):
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.pt"
-        command = [sys.executable, __file__, "--worker", method, "--data", str(folder)]
-        command += ["--result", str(result), "--score-thresh", str(args.score_thresh)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        if args.onnx:
-            command += ["--onnx", args.onnx]
-        subprocess.run(command, check=True)
-        return torch.load(result, weights_only=True)
+def start_workers(methods, folder, args):
+    """{method: (process, connection)}, each process ready (its untimed image done)."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for method in methods:
+        print(f"starting {method}", file=sys.stderr)
+        ours, theirs = context.Pipe()
+        process = context.Process(target=serve, args=(theirs, method, folder, args))
+        process.start()
+        workers[method] = (process, ours, ours.recv())
+    return workers
+
+
+def run_methods(methods, folder, args):
+    """{method: [its pass over the images per repeat]}: image by image, each image goes to
+    every method in turn, in an order rotated from one image to the next."""
+    num_images = len(list((folder / "images").glob("*.png")))
+    workers = start_workers(methods, folder, args)
+    keys = ("seconds", "faults", "output", "stages")
+    results = {m: [{k: [] for k in keys} for _ in range(args.repeats)] for m in methods}
+    step = 0
+    try:
+        for repeat in range(args.repeats):
+            print(f"repeat {repeat + 1}/{args.repeats}", file=sys.stderr)
+            for index in range(num_images):
+                shift = step % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    workers[method][1].send(index)
+                    answer = workers[method][1].recv()
+                    for key in keys:
+                        results[method][repeat][key].append(answer[key])
+                step += 1
+    finally:
+        for process, connection, _ in workers.values():
+            connection.send(None)
+            process.join()
+    threads = {method: worker[2] for method, worker in workers.items()}
+    return results, threads
 
 
 def same_instances(first, second):
@@ -379,15 +399,14 @@ def stage_summary(passes):
 
 
 def print_table(figures):
-    base = figures["methods"]["plain"]["images_per_s"]["median"]
-    print("| method | images/s | s per image | page faults per image | vs plain |")
+    print("| method | images/s | s per image | page faults per image | speed-up per image |")
     print("| --- | --- | --- | --- | --- |")
     for method, result in figures["methods"].items():
-        rate = result["images_per_s"]
+        rate, ratio = result["images_per_s"], result["speed_up"]
         print(
             f"| {method} | {rate['median']:.4f} ({rate['min']:.4f}-{rate['max']:.4f}) | "
             f"{1 / rate['median']:.2f} | {result['faults_per_image']:,.0f} | "
-            f"{rate['median'] / base:.2f}x |"
+            f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |"
         )
     for method, stages in figures.get("stages", {}).items():
         print(f"\n{method}: seconds (page faults) per image")
@@ -406,24 +425,20 @@ def export_onnx(folder, path):
     export.export_onnx(model, path, metadata)
 
 
-def run_methods(methods, folder, args):
-    """{method: [its result per repeat]}, methods interleaved, their order rotated per repeat."""
-    results = {method: [] for method in methods}
-    for repeat in range(args.repeats):
-        shift = repeat % len(methods)
-        for method in methods[shift:] + methods[:shift]:
-            print(f"repeat {repeat + 1}/{args.repeats}: {method}", file=sys.stderr)
-            results[method].append(run_worker(method, folder, args))
-    return results
-
-
-def summarize(results, args):
-    """The figures of a run: speed, page faults, stages and the check of the outputs."""
+def summarize(results, threads, args):
+    """The figures of a run: speed, page faults, stages and the check of the outputs. A
+    method's speed-up per image is the plain loop's time on an image over the method's, the two
+    measured one after the other."""
     figures = {"machine": common.machine("cpu"), "settings": vars(args), "methods": {}}
-    figures["machine"]["threads"] = results["plain"][0]["threads"]
+    figures["machine"]["threads"] = threads
+    plain_seconds = [s for p in results["plain"] for s in p["seconds"]]
     for method, passes in results.items():
+        seconds = [s for p in passes for s in p["seconds"]]
         figures["methods"][method] = {
             "images_per_s": common.summary([len(p["seconds"]) / sum(p["seconds"]) for p in passes]),
+            "speed_up": common.summary(
+                [a / b for a, b in zip(plain_seconds, seconds, strict=True)]
+            ),
             "faults_per_image": statistics.median(f for p in passes for f in p["faults"]),
             "seconds_per_image": [p["seconds"] for p in passes],
         }
@@ -432,9 +447,9 @@ def summarize(results, args):
         for method, passes in results.items()
         if method in BREAKDOWN_METHODS
     }
-    plain = results["plain"][0]["outputs"]
+    plain = results["plain"][0]["output"]
     checks = [
-        same_instances(plain, p["outputs"])
+        same_instances(plain, p["output"])
         for method, passes in results.items()
         if method != "onnx"
         for p in passes
@@ -447,14 +462,11 @@ def summarize(results, args):
         "identical": differ == 0,
     }
     if "onnx" in results:
-        figures["onnx_agreement"] = onnx_agreement(plain, results["onnx"][0]["outputs"], *args.size)
+        figures["onnx_agreement"] = onnx_agreement(plain, results["onnx"][0]["output"], *args.size)
     return figures
 
 
 def main(args):
-    if args.worker:
-        worker(args)
-        return
     height, width = args.size
     folder = data_folder(args.images, height, width)
     if args.onnx and not Path(args.onnx).is_file():
@@ -464,7 +476,7 @@ def main(args):
     methods += BREAKDOWN_METHODS if args.breakdown else []
     methods += ["onnx"] if args.onnx else []
     load_at_start = os.getloadavg()
-    figures = summarize(run_methods(methods, folder, args), args)
+    figures = summarize(*run_methods(methods, folder, args), args)
     figures["machine"]["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
     print_table(figures)
     common.write_json(args.json, figures)
