@@ -12,11 +12,14 @@ kept detections pasted box by box and encoded as RLE (mask_crops.py), freed memo
 malloc. Both get the same uint8 images, made float by torchvision's `to_dtype` as predict.py does.
 With the default --score-thresh 0 every detection is kept, so both paste every mask.
 
-Each method runs in a fresh process per repeat (the allocator setting is per process), methods
-interleaved and their order rotated from repeat to repeat; a process first runs one image
-untimed, then times every image. Figures are images per second, medians of the repeats with
-(min-max). The run fails unless predict.py's path gives the plain loop's instances: equal
-boxes, labels and scores, and RLE equal to that of the plain loop's binary masks.
+Each method runs in a process of its own (the allocator setting is per process), which loads
+the checkpoint and images and runs one image untimed. Then image by image, each image goes to
+every method in turn, the order rotated from one image to the next, --repeats times over: both
+sides of a comparison run seconds apart, under the same load. Figures are medians over the
+repeats with (min-max): images per second of each pass, and the speed-up per image (the plain
+loop's time on an image over the method's). The run fails unless predict.py's path gives the
+plain loop's instances: equal boxes, labels and scores, and RLE equal to that of the plain
+loop's binary masks.
 
 --allocator adds the plain loop with freed memory kept and predict.py's path without (what each
 change is worth); --breakdown adds each path run stage by stage (transform, backbone, RPN, box
@@ -31,10 +34,14 @@ activations up, so that boxes collapse), frozen as in a model fine-tuned from to
 weights, and classes 1-3 are favoured so that each image gets box_detections_per_img (100)
 detections of all sizes, as a trained model gets on a busy image. It is written as train.py
 writes checkpoints, with --images generated images (smooth backgrounds and ellipses, --size),
-to $TMPDIR/maskrcnn_benchmarks/predict_bench: run predict.py on them with
+to $TMPDIR/maskrcnn_benchmarks/predict_bench/<model>_<images>x<height>x<width>; with the
+defaults, run predict.py on them with
 
-    python predict.py --weights $TMPDIR/maskrcnn_benchmarks/predict_bench/<key>/checkpoint.pth \
-        --input $TMPDIR/maskrcnn_benchmarks/predict_bench/<key>/images --output out/
+    D=$TMPDIR/maskrcnn_benchmarks/predict_bench/maskrcnn_resnet50_fpn_4x800x1066
+    python predict.py --weights $D/checkpoint.pth --input $D/images --output out/
+
+Memory: each process holds up to about 2.5 GB at 800 px, all of them at once (7 with
+--allocator --breakdown --onnx).
 """
 
 import argparse
@@ -58,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import export  # noqa: E402
 import mask_crops  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
@@ -189,11 +197,6 @@ def predict_path(model, score_thresh):
     return run
 
 
-def onnx_loop(onnx_model, score_thresh):
-    """The exported file through export.OnnxModel, used as the plain loop uses the model."""
-    return plain_loop(onnx_model, score_thresh)
-
-
 class Stages:
     """Seconds and minor page faults of consecutive stages, by name."""
 
@@ -266,9 +269,7 @@ def method_runner(method, model, args):
     if method in ("predict", "predict, memory returned"):
         return predict_path(model, args.score_thresh)
     if method == "onnx":
-        import export
-
-        return onnx_loop(export.OnnxModel(args.onnx), args.score_thresh)
+        return plain_loop(export.OnnxModel(args.onnx), args.score_thresh)
     if method == "predict, by stage":
         mask_crops.keep_freed_memory()
     return staged_loop(model, args.score_thresh, crops=method == "predict, by stage")
@@ -417,8 +418,6 @@ def print_table(figures):
 
 
 def export_onnx(folder, path):
-    import export
-
     print(f"exporting the checkpoint to {path}", file=sys.stderr)
     model, checkpoint = models.load_model(str(folder / "checkpoint.pth"))
     metadata = export.file_metadata(model, export.output_names(model), checkpoint)
