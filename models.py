@@ -8,6 +8,7 @@ checkpoint of train.py was trained as, with its weights.
 """
 
 import argparse
+import math
 import os
 
 import torch
@@ -126,6 +127,20 @@ def inference_model(args, model):
     return model
 
 
+def raise_score_threshold(model, score_thresh):
+    """Makes an R-CNN drop detections scoring under `score_thresh` itself, before its mask head
+    and before tiling merges windows; other models are left as they are. The detections kept are
+    those it gave before, scoring at least `score_thresh`: NMS and the per-image cap only ever
+    prefer higher scores."""
+    heads = getattr(model, "roi_heads", None)
+    if heads is not None and hasattr(heads, "score_thresh"):
+        # torchvision keeps scores above its threshold, predict.py those at or above; both
+        # compare float32 scores with the threshold as float32.
+        threshold = torch.tensor(score_thresh, dtype=torch.float32)
+        below = torch.nextafter(threshold, torch.tensor(-math.inf)).item()
+        heads.score_thresh = max(heads.score_thresh, below)
+
+
 def model_defaults():
     """The model flags' defaults, as a namespace."""
     return add_model_args(argparse.ArgumentParser(add_help=False)).parse_args([])
@@ -148,15 +163,20 @@ def model_kwargs(args):
         # --rpn-score-thresh is torchvision's rpn_score_thresh, and so on.
         rcnn = [dest for dest in dests(SIZE_AND_RCNN_FLAGS) if dest.startswith(("rpn_", "box_"))]
         kwargs.update({dest: getattr(args, dest) for dest in [*rcnn, "box_detections_per_img"]})
-        if args.anchor_sizes:
-            kwargs["rpn_anchor_generator"] = AnchorGenerator(
-                sizes=tuple((s,) for s in args.anchor_sizes),
-                aspect_ratios=((0.5, 1.0, 2.0),) * len(args.anchor_sizes),
-            )
+        kwargs["anchor_sizes"] = args.anchor_sizes
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def build(name, **kwargs):
+def set_anchor_sizes(model, sizes):
+    """One anchor size per FPN level, three aspect ratios each: the count per location of every
+    torchvision R-CNN builder, so its RPN head fits. Set after building because some builders
+    (the _v2 ones) pass their own anchor generator."""
+    model.rpn.anchor_generator = AnchorGenerator(
+        sizes=tuple((s,) for s in sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes)
+    )
+
+
+def build(name, anchor_sizes=None, **kwargs):
     """A model by name: a U-Net of unet.py or any torchvision model."""
     if is_unet(name):
         try:
@@ -164,11 +184,14 @@ def build(name, **kwargs):
         except ValueError as e:
             raise ConfigError(f"--model {name}: {e}") from None
     try:
-        return torchvision.models.get_model(name, **kwargs)
+        model = torchvision.models.get_model(name, **kwargs)
     except ValueError as e:
         if name not in torchvision.models.list_models():
             raise ConfigError(f"--model {name}: no such torchvision model or U-Net") from None
         raise ConfigError(f"--model {name}: {e}") from None
+    if anchor_sizes:
+        set_anchor_sizes(model, anchor_sizes)
+    return model
 
 
 def get_model(args, num_classes):

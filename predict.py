@@ -25,7 +25,9 @@ and once for all images:
 Image ids are 1, 2, ... in sorted file-name order; file_name is the path under --input. A
 detection is kept when its score is at least --score-thresh and its label is one of the
 checkpoint's categories (not a gap between category ids); its mask is the model's mask
-probability above 0.5, as in evaluation. The model (architecture, number of classes, category
+probability above 0.5, as in evaluation. An R-CNN drops detections under --score-thresh itself
+(the same ones are kept, sooner), so that with --tile the windows' low-scoring detections never
+reach the merge; with --tta each flipped view keeps all of its detections. The model (architecture, number of classes, category
 names, input sizes, anchor sizes, ...) is rebuilt from the checkpoint, and images are read as in
 training (coco_utils.load_image): 8-bit files as they are, 16/32-bit grey ones scaled per image
 between their 0.1 and 99.9 percentiles.
@@ -281,6 +283,8 @@ def run(args):
     if args.tile is not None:
         check_tiling(args.tile, args.tile_overlap)
     model, checkpoint = models.load_model(args.weights, device)
+    if not args.tta:  # flipped views are merged by mask, each view with all its detections
+        models.raise_score_threshold(model, args.score_thresh)
     model = models.inference_model(args, model)
     if truth is not None and not models.predicts_masks(model):
         raise ConfigError(f"--ann: the error analysis needs a mask model, not {args.weights}")

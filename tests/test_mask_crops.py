@@ -2,6 +2,7 @@
 predict.py's Mask R-CNN path gives what the plain model gives."""
 
 import contextlib
+import copy
 import io
 import json
 
@@ -134,6 +135,19 @@ def test_predict_image_gives_the_plain_models_detections_and_masks(mask_rcnn, sc
     height, width = image.shape[-2:]
     labels_image = predict.label_image(got["masks"], height, width)
     assert np.array_equal(labels_image, predict.label_image(expected["masks"], height, width))
+
+
+def test_a_raised_score_threshold_keeps_the_detections_at_or_above_it(mask_rcnn):
+    model, image, output, _ = mask_rcnn
+    score_thresh = output["scores"].median().item()
+    raised = copy.deepcopy(model)
+    models.raise_score_threshold(raised, score_thresh)
+    with torch.inference_mode():
+        got = raised(engine.images_to_device([image], "cpu"))[0]
+    kept = output["scores"] >= score_thresh
+    assert 5 < kept.sum() < len(kept)
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(got[key], output[key][kept]), key
 
 
 def test_predict_py_writes_the_files_it_writes_with_the_plain_model(

@@ -35,6 +35,15 @@ def test_an_unknown_model_is_a_one_line_error():
         models.get_model(model_args("--model", "unet_resnet7"), 2)
 
 
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"])
+def test_anchor_sizes_reach_every_rcnn_builder(name):
+    args = model_args("--model", name, "--anchor-sizes", "8", "16", "32", "64", "128")
+    model = models.get_model(args, 3).eval()
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])  # the RPN head fits the anchors per location
+
+
 @pytest.mark.parametrize(("saved", "wanted"), [(3, 2), (2, 3)])
 def test_unet_weights_fit_another_class_count(tmp_path, capsys, saved, wanted):
     args = model_args(*UNET)
