@@ -27,10 +27,10 @@ detection is kept when its score is at least --score-thresh and its label is one
 checkpoint's categories (not a gap between category ids); its mask is the model's mask
 probability above 0.5, as in evaluation. An R-CNN drops detections under --score-thresh itself
 (the same ones are kept, sooner), so that with --tile the windows' low-scoring detections never
-reach the merge; with --tta each flipped view keeps all of its detections. The model (architecture, number of classes, category
-names, input sizes, anchor sizes, ...) is rebuilt from the checkpoint, and images are read as in
-training (coco_utils.load_image): 8-bit files as they are, 16/32-bit grey ones scaled per image
-between their 0.1 and 99.9 percentiles.
+reach the merge; with --tta each flipped view keeps all of its detections. The model
+(architecture, number of classes, category names, input sizes, anchor sizes, ...) is rebuilt from
+the checkpoint, and images are read as in training (coco_utils.load_image): 8-bit files as they
+are, 16/32-bit grey ones scaled per image between their 0.1 and 99.9 percentiles.
 """
 
 import argparse
