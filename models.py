@@ -32,6 +32,7 @@ SIZE_AND_RCNN_FLAGS = (
     ("--rpn-post-nms-top-n-train", int, "RPN proposals kept in training (2000)"),
     ("--rpn-post-nms-top-n-test", int, "RPN proposals kept at inference (1000)"),
     ("--box-batch-size-per-image", int, "RoIs sampled per training image (512)"),
+    ("--box-positive-fraction", float, "largest fraction of positives among them (0.25)"),
     ("--box-score-thresh", float, "lowest score of a kept detection (0.05)"),
     (
         "--box-nms-thresh",

@@ -117,7 +117,12 @@ def add_optimization_args(parser):
         "--lr-scheduler",
         default="multisteplr",
         choices=["multisteplr", "cosineannealinglr"],
-        help="schedule after the first epoch's linear warmup",
+        help="schedule after the linear warmup",
+    )
+    optim.add_argument(
+        "--warmup-iters",
+        type=int,
+        help="iterations of linear warmup from lr/1000 (default: the first epoch, at most 1000)",
     )
     optim.add_argument(
         "--lr-steps", default=[16, 22], nargs="+", type=int, help="epochs where lr drops"
@@ -237,11 +242,13 @@ def check_args(args):
         problems.append("--lr must be positive")
     if args.workers < 0:
         problems.append("--workers must not be negative")
-    for flag in ("keep_last", "checkpoint_every", "patience", "eval_every"):
+    for flag in ("keep_last", "checkpoint_every", "patience", "eval_every", "warmup_iters"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.num_classes is not None and args.num_classes < 2:
         problems.append("--num-classes must be at least 2 (background and one class)")
+    if args.box_positive_fraction is not None and not 0 < args.box_positive_fraction <= 1:
+        problems.append("--box-positive-fraction must be in (0, 1]")
     if args.anchor_sizes and (len(args.anchor_sizes) != 5 or min(args.anchor_sizes) < 1):
         problems.append("--anchor-sizes takes 5 positive sizes, one per FPN level")
     for flag in ("dsb_score", "error_analysis"):
@@ -346,12 +353,13 @@ def get_optimizer(args, model):
 
 
 def get_lr_scheduler(args, optimizer, iters_per_epoch):
-    """A per-iteration schedule: linear warmup over (at most) the first epoch, then the main one.
+    """A per-iteration schedule: linear warmup over --warmup-iters (by default the first epoch, at
+    most 1000 iterations), then the main one.
 
     Stepping per iteration keeps multi-step drops exactly at epoch boundaries and lets cosine
     annealing decay smoothly on short schedules.
     """
-    warmup_iters = max(1, min(1000, iters_per_epoch - 1))
+    warmup_iters = args.warmup_iters or max(1, min(1000, iters_per_epoch - 1))
     warmup = torch.optim.lr_scheduler.LinearLR(
         optimizer, start_factor=0.001, total_iters=warmup_iters
     )

@@ -178,6 +178,22 @@ def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
     assert optimizer.param_groups[0]["lr"] == checkpoint["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.parametrize(("warmup_iters", "expected"), [(None, 9), (3, 3)])
+def test_warmup_rises_linearly_to_the_lr_over_its_iterations(warmup_iters, expected):
+    args = train.get_args_parser().parse_args(["--lr", "0.1", "--epochs", "2"])
+    args.warmup_iters = warmup_iters
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = train.get_lr_scheduler(args, optimizer, iters_per_epoch=10)
+    rates = []
+    for _ in range(expected + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(rates[:expected], rates[1:], strict=False))
+    assert rates[expected] == pytest.approx(0.1)
+
+
 @pytest.mark.slow
 def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
     run_main(demo_root, tmp_path, "--epochs", "1", "--amp")
@@ -255,12 +271,13 @@ def test_model_flags_reach_the_torchvision_model():
     args = train.get_args_parser().parse_args(
         "--box-score-thresh 0 --box-nms-thresh 0.6 --box-batch-size-per-image 32 "
         "--rpn-post-nms-top-n-test 300 --box-detections-per-img 400 "
-        "--anchor-sizes 8 16 32 64 128".split()
+        "--anchor-sizes 8 16 32 64 128 --box-positive-fraction 0.5".split()
     )
     model = models.get_model(args, 3)
     heads = model.roi_heads
     assert (heads.score_thresh, heads.nms_thresh, heads.detections_per_img) == (0.0, 0.6, 400)
     assert heads.fg_bg_sampler.batch_size_per_image == 32
+    assert heads.fg_bg_sampler.positive_fraction == 0.5
     assert model.rpn._post_nms_top_n["testing"] == 300
     assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
 
