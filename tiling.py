@@ -275,11 +275,29 @@ def _shared_pixels(pieces, windows):
 
 
 def _overlapping_windows(windows):
-    """Pairs (a, b), a < b, of windows that share pixels."""
-    boxes = np.array([w[:4] for w in windows]).reshape(-1, 4)
-    meet = _boxes_meet(boxes, boxes)
-    a, b = np.nonzero(np.triu(meet, k=1))
-    return zip(a.tolist(), b.tolist(), strict=True)
+    """Pairs (a, b), a < b, of windows that share pixels. The windows form a grid, so each meets
+    only its neighbours: pairs come from the rows and columns that meet, never from comparing
+    every window with every other (which would grow with the square of the image's area)."""
+    index = {(w.top, w.left): k for k, w in enumerate(windows)}
+    rows = sorted({(w.top, w.bottom) for w in windows})
+    columns = sorted({(w.left, w.right) for w in windows})
+    for r1, r2 in _meeting_spans(rows):
+        for c1, c2 in _meeting_spans(columns):
+            a, b = index[rows[r1][0], columns[c1][0]], index[rows[r2][0], columns[c2][0]]
+            if a < b:
+                yield a, b
+
+
+def _meeting_spans(spans):
+    """Pairs (i, j), in both orders and with i == j, of spans (start, stop) sorted by start that
+    share pixels; every span is equally long, so those after i that meet it come right after."""
+    pairs = []
+    for i, (_, stop) in enumerate(spans):
+        j = i
+        while j < len(spans) and spans[j][0] < stop:
+            pairs += [(i, j)] if i == j else [(i, j), (j, i)]
+            j += 1
+    return pairs
 
 
 def _meeting_boxes(pieces, first, second):

@@ -314,3 +314,21 @@ def test_a_large_image_is_segmented_in_memory_bounded_by_the_window():
     assert count == 6
     # A single [4000, 4000] float mask takes 64 MB; one for each instance would take 384 MB.
     assert grown < 4000 * 4000 * 4 / 2
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "tile", "overlap"),
+    [(500, 700, 128, 32), (300, 300, 100, 70), (100, 900, 128, 0), (64, 64, 128, 16)],
+)
+def test_windows_that_meet_are_found_from_the_grid(height, width, tile, overlap):
+    windows = tiling.make_windows(height, width, tile, overlap)
+    expected = {
+        (a, b)
+        for a, wa in enumerate(windows)
+        for b, wb in enumerate(windows)
+        if a < b
+        and max(wa.top, wb.top) < min(wa.bottom, wb.bottom)
+        and max(wa.left, wb.left) < min(wa.right, wb.right)
+    }
+    found = list(tiling._overlapping_windows(windows))
+    assert len(found) == len(set(found)) and set(found) == expected
