@@ -9,7 +9,10 @@ side, and the compute of each whole run (its steps x seconds per step) relative 
 A recipe is NAME=FLAGS: train.py's flags (a --config file and what overrides it). Each builds its
 model, optimizer and batches from train.py's own functions, on --data-path's training images
 through the recipe's augmentation; batches are made once and held in memory, so data loading
-is not timed, and evaluation is not counted. A run is --steps steps after one untimed step; runs
+is not timed, and evaluation is not counted. The learning rate is set to 0: the weights stay as
+initialised (a model from scratch at full rate without its warmup can blow up into values that
+make the arithmetic itself slower), while every step still computes and applies its update. A
+run is --steps steps after one untimed step; runs
 of the recipes alternate, their order rotated from repeat to repeat, so all of them see the same
 load. Figures are medians over the repeats. A run's compute is its epochs x steps per epoch
 (batches of the training set) x seconds per step: load-independent as a ratio, not as seconds.
@@ -59,6 +62,8 @@ class Recipe:
         torch.manual_seed(0)
         self.model = models.get_model(self.args, train.default_num_classes(dataset)).train()
         self.optimizer = train.get_optimizer(self.args, self.model)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
         size = self.args.batch_size
         samples = [dataset[i % len(dataset)] for i in range(batches * size)]
         self.batches = [
