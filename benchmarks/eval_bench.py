@@ -39,7 +39,7 @@ from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from synthetic import make_ground_truth  # noqa: E402
+from synthetic import make_ground_truth, random_detection  # noqa: E402
 
 import coco_eval  # noqa: E402
 import coco_results  # noqa: E402
@@ -81,13 +81,7 @@ def make_outputs(image, objects, num_dets, num_categories, device, rng):
     height, width = image["height"], image["width"]
     boxes, labels, ellipses = [], [], []
     for _ in range(num_dets):
-        if objects and rng.random() < 0.5:
-            *ellipse, label = objects[int(rng.integers(len(objects)))]
-            cx, cy, rx, ry = np.asarray(ellipse) * rng.normal(1, 0.05, size=4)
-        else:
-            rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
-            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-            label = int(rng.integers(1, num_categories + 1))
+        cx, cy, rx, ry, label = random_detection(objects, height, width, num_categories, rng)
         x0, y0 = min(max(cx - rx, 0), width - 2), min(max(cy - ry, 0), height - 2)
         x1, y1 = min(max(cx + rx, x0 + 1), width - 1), min(max(cy + ry, y0 + 1), height - 1)
         boxes.append([x0, y0, x1, y1])

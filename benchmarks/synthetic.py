@@ -226,6 +226,19 @@ def make_ground_truth(num_images, num_categories, rng):
     return {"images": images, "annotations": annotations, "categories": categories}, objects
 
 
+def random_detection(objects, height, width, num_categories, rng):
+    """(cx, cy, rx, ry, label) of one detection: as often as not a ground-truth ellipse of
+    `objects` jittered by 5%, else clutter of any category anywhere in the image."""
+    if objects and rng.random() < 0.5:
+        *ellipse, label = objects[int(rng.integers(len(objects)))]
+        cx, cy, rx, ry = np.asarray(ellipse) * rng.normal(1, 0.05, size=4)
+    else:
+        rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
+        cx, cy = rng.uniform(0, width), rng.uniform(0, height)
+        label = int(rng.integers(1, num_categories + 1))
+    return cx, cy, rx, ry, label
+
+
 def detection_results(image, objects, num_dets, num_categories, rng):
     """One image's detections as {"bbox": COCO results, "segm": COCO results}, the same
     detections in both: half jittered ground-truth ellipses (`objects` from make_ground_truth),
@@ -233,13 +246,7 @@ def detection_results(image, objects, num_dets, num_categories, rng):
     height, width = image["height"], image["width"]
     polygons, labels = [], []
     for _ in range(num_dets):
-        if objects and rng.random() < 0.5:
-            *ellipse, label = objects[int(rng.integers(len(objects)))]
-            cx, cy, rx, ry = np.asarray(ellipse) * rng.normal(1, 0.05, size=4)
-        else:
-            rx, ry = rng.uniform(4, width / 5), rng.uniform(4, height / 5)
-            cx, cy = rng.uniform(0, width), rng.uniform(0, height)
-            label = int(rng.integers(1, num_categories + 1))
+        cx, cy, rx, ry, label = random_detection(objects, height, width, num_categories, rng)
         polygons.append(ellipse_polygon(cx, cy, rx, ry))
         labels.append(label)
     rles = mask_utils.frPyObjects(polygons, height, width)
