@@ -10,12 +10,17 @@ checkpoint of train.py was trained as, with its weights.
 import argparse
 import math
 import os
+import re
 
 import torch
 import torchvision
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import unet
 import utils
@@ -40,6 +45,10 @@ SIZE_AND_RCNN_FLAGS = (
         "IoU above which a detection suppresses another (0.5); higher keeps touching objects",
     ),
 )
+# R-CNNs on any torchvision ResNet-family backbone (maskrcnn_resnet18_fpn, ...), built here:
+# torchvision builds them on a ResNet-50 with 256 FPN channels only.
+RCNN_FPN_NAME = re.compile(r"(maskrcnn|fasterrcnn)_(.+)_fpn")
+RESNET_PREFIXES = ("resnet", "resnext", "wide_resnet")
 # The U-Net's flags: flag, default (its type is the flag's), help.
 UNET_FLAGS = (
     ("--unet-border-width", 2, "pixels (of the resized image) either side of where nuclei meet "
@@ -64,7 +73,9 @@ def add_model_args(parser):
     model.add_argument(
         "--model",
         default="maskrcnn_resnet50_fpn",
-        help=f"torchvision detection model name, or a U-Net: {', '.join(unet.MODELS)}",
+        help="torchvision detection model name; maskrcnn_<resnet>_fpn or fasterrcnn_<resnet>_fpn "
+        "for another ResNet-family backbone (maskrcnn_resnet18_fpn); or a U-Net: "
+        f"{', '.join(unet.MODELS)}",
     )
     model.add_argument(
         "--weights", help="torchvision weights (MaskRCNN_ResNet50_FPN_Weights.COCO_V1) or a file"
@@ -77,6 +88,12 @@ def add_model_args(parser):
     )
     for flag, kind, text in SIZE_AND_RCNN_FLAGS:
         model.add_argument(flag, type=kind, help=text)
+    model.add_argument(
+        "--fpn-channels",
+        type=int,
+        help="channels of the FPN and of the mask head's convolutions (256), for "
+        "maskrcnn_<resnet>_fpn and fasterrcnn_<resnet>_fpn models",
+    )
     model.add_argument(
         "--box-detections-per-img", default=100, type=int, help="detections kept per image"
     )
@@ -165,6 +182,7 @@ def model_kwargs(args):
         rcnn = [dest for dest in dests(SIZE_AND_RCNN_FLAGS) if dest.startswith(("rpn_", "box_"))]
         kwargs.update({dest: getattr(args, dest) for dest in [*rcnn, "box_detections_per_img"]})
         kwargs["anchor_sizes"] = args.anchor_sizes
+    kwargs["fpn_channels"] = args.fpn_channels
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -177,8 +195,95 @@ def set_anchor_sizes(model, sizes):
     )
 
 
+def resnet_rcnn_parts(name):
+    """(family, backbone) of an R-CNN name built on a ResNet-family backbone, else None."""
+    match = RCNN_FPN_NAME.fullmatch(name)
+    backbones = torchvision.models.list_models(module=torchvision.models)
+    if match is None or match[2] not in backbones or not match[2].startswith(RESNET_PREFIXES):
+        return None
+    return match[1], match[2]
+
+
+def frozen_stages(pretrained, trainable_layers):
+    """The backbone stages frozen, by torchvision's detection builders' rule: a pretrained
+    backbone trains its top `trainable_layers` stages (3 by default), one from scratch all 5."""
+    if not pretrained:
+        return []
+    trainable = 3 if trainable_layers is None else trainable_layers
+    return ["conv1", "layer1", "layer2", "layer3", "layer4"][: 5 - trainable]
+
+
+def build_resnet_rcnn(
+    name,
+    weights=None,
+    weights_backbone=None,
+    trainable_backbone_layers=None,
+    num_classes=None,
+    fpn_channels=256,
+    **kwargs,
+):
+    """An R-CNN with an FPN on any torchvision ResNet-family backbone, laid out as torchvision's
+    ResNet-50 builders lay theirs out (same state dict keys), with `fpn_channels` channels in the
+    FPN and in the mask head's convolutions."""
+    if weights is not None:
+        raise ConfigError(
+            f"--weights {weights}: torchvision's detection weights fit its own builders only "
+            f"(ResNet-50, 256 FPN channels), not {name} as built here with --fpn-channels "
+            f"{fpn_channels}; give a checkpoint file of this repo"
+        )
+    if fpn_channels < 1:
+        raise ConfigError(f"--fpn-channels {fpn_channels}: must be at least 1")
+    family, backbone_name = resnet_rcnn_parts(name)
+    pretrained = weights_backbone is not None
+    # A pretrained backbone keeps its BatchNorm statistics, as in torchvision's builders.
+    body = torchvision.models.get_model(
+        backbone_name,
+        weights=weights_backbone,
+        norm_layer=FrozenBatchNorm2d if pretrained else torch.nn.BatchNorm2d,
+    )
+    for stage in frozen_stages(pretrained, trainable_backbone_layers):
+        getattr(body, stage).requires_grad_(False)
+    # Each ResNet stage has half the channels of the next; fc reads the last one's.
+    top = body.fc.in_features
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{i}": str(i - 1) for i in range(1, 5)},
+        in_channels_list=[top // 8, top // 4, top // 2, top],
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    if family == "fasterrcnn":
+        return FasterRCNN(backbone, num_classes=num_classes, **kwargs)
+    return MaskRCNN(
+        backbone,
+        box_predictor=FastRCNNPredictor(1024, num_classes),  # TwoMLPHead's 1024 features
+        mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes),
+        **kwargs,
+    )
+
+
+def built_here(name, kwargs):
+    """Whether `name` is an R-CNN this module builds rather than torchvision."""
+    if resnet_rcnn_parts(name) is None:
+        if kwargs.get("fpn_channels") is not None:
+            raise ConfigError(
+                f"--fpn-channels: only for maskrcnn_<resnet>_fpn and fasterrcnn_<resnet>_fpn "
+                f"models, not {name}"
+            )
+        return False
+    return name not in torchvision.models.list_models() or kwargs.get("fpn_channels") is not None
+
+
 def build(name, anchor_sizes=None, **kwargs):
-    """A model by name: a U-Net of unet.py or any torchvision model."""
+    """A model by name: a U-Net of unet.py, an R-CNN on a ResNet-family backbone or any
+    torchvision model."""
+    if built_here(name, kwargs):
+        model = build_resnet_rcnn(name, **kwargs)
+        if anchor_sizes:
+            set_anchor_sizes(model, anchor_sizes)
+        return model
+    kwargs.pop("fpn_channels", None)
     if is_unet(name):
         try:
             return unet.MODELS[name](**kwargs)

@@ -85,3 +85,54 @@ def test_inference_wrappers_follow_the_flags():
     assert isinstance(wrapped, TiledModel) and isinstance(wrapped.model, TTA)
     with pytest.raises(ConfigError, match="--tile 64 must be larger than --tile-overlap 64"):
         models.inference_model(model_args("--tile", "64"), model)
+
+
+def test_a_resnet50_rcnn_built_here_is_laid_out_as_torchvisions():
+    ours = models.get_model(model_args("--fpn-channels", "256"), 3).state_dict()
+    theirs = models.get_model(model_args(), 3).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_a_narrow_resnet18_mask_rcnn_trains_and_comes_back_from_its_checkpoint(tmp_path):
+    args = model_args("--model", "maskrcnn_resnet18_fpn", "--fpn-channels", "64",
+                      "--min-size", "64", "--max-size", "64")  # fmt: skip
+    torch.manual_seed(0)
+    model = models.get_model(args, 3)
+    assert model.backbone.out_channels == 64
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 64
+    assert all(p.requires_grad for p in model.parameters())  # from scratch: every stage trains
+    box = torch.tensor([[8.0, 8.0, 40.0, 30.0]])
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[0, 8:30, 8:40] = 1
+    target = {"boxes": box, "labels": torch.tensor([2]), "masks": mask}
+    losses = model([torch.rand(3, 64, 64)], [target])
+    assert {"loss_mask", "loss_classifier"} <= set(losses)
+    save_checkpoint(tmp_path / "r18.pth", args, model.eval(), 3)
+    loaded, _ = models.load_model(str(tmp_path / "r18.pth"))
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        expected, actual = model([image])[0], loaded([image])[0]
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_pretrained_backbones_freeze_stages_as_torchvision_does():
+    assert models.frozen_stages(pretrained=False, trainable_layers=2) == []
+    assert models.frozen_stages(pretrained=True, trainable_layers=None) == ["conv1", "layer1"]
+    assert models.frozen_stages(pretrained=True, trainable_layers=5) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "retinanet_resnet50_fpn", "--fpn-channels", "128"], "only for maskrcnn_"),
+        (["--fpn-channels", "0"], "--fpn-channels 0: must be at least 1"),
+        (
+            ["--fpn-channels", "128", "--weights", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"],
+            "torchvision's detection weights fit its own builders only",
+        ),
+    ],
+)
+def test_fpn_channels_that_cannot_apply_are_a_one_line_error(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        models.get_model(model_args(*argv), 3)
