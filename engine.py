@@ -25,6 +25,15 @@ def autocast(device, enabled):
     return torch.amp.autocast(device_type, dtype=dtype)
 
 
+def cpu_emulates_bfloat16():
+    """Whether this is an x86 CPU without bfloat16 instructions (AVX512-BF16 or AMX). There
+    oneDNN emulates bfloat16, and autocast runs several times slower than float32. On other
+    architectures it cannot be told, and False is returned."""
+    is_x86 = torch.cpu._is_avx2_supported() or torch.cpu._is_avx512_supported()
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return is_x86 and not native
+
+
 def images_to_device(images, device):
     """Images moved to `device`, then made float in [0, 1] there: the loaders send uint8 (16-bit
     images as float), a quarter of float32's bytes to copy."""

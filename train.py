@@ -38,7 +38,7 @@ import recipes
 import utils
 from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
 from coco_utils import get_coco, label_to_category_id, split_paths
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import NonFiniteLossError, cpu_emulates_bfloat16, evaluate, train_one_epoch
 from errors import CheckpointError, CommandError, ConfigError, DataError
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
 from instance_metrics import dsb_image_score, evaluated_instances
@@ -131,7 +131,17 @@ def add_optimization_args(parser):
     optim.add_argument(
         "--clip-grad-norm", type=float, help="clip the gradient norm (helps from-scratch runs)"
     )
-    optim.add_argument("--amp", action="store_true", help="mixed precision training")
+    optim.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision: float16 on CUDA, bfloat16 on a CPU with bfloat16 instructions "
+        "(on one without, float32 is faster and is used, with a notice)",
+    )
+    optim.add_argument(
+        "--force-amp",
+        action="store_true",
+        help="with --amp: bfloat16 even on a CPU that emulates it (several times slower)",
+    )
 
 
 def add_runtime_args(parser):
@@ -233,6 +243,8 @@ def add_distributed_args(parser):
 def check_args(args):
     """Rejects impossible combinations before anything is loaded."""
     problems = []
+    if args.force_amp and not args.amp:
+        problems.append("--force-amp works only with --amp")
     if args.use_copypaste and args.data_augmentation != "lsj":
         problems.append("--use-copypaste works only with --data-augmentation lsj")
     for flag in ("batch_size", "epochs", "print_freq", "box_detections_per_img"):
@@ -535,12 +547,26 @@ def setup(args):
     utils.init_distributed_mode(args)
     if cpu_fallback:
         utils.print_main("no CUDA device found: training on the CPU")
+    choose_precision(args)
     utils.print_main(f"git revision: {utils.git_revision()}")
     utils.print_main(args)
     if args.use_deterministic_algorithms:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     return torch.device(args.device)
+
+
+def choose_precision(args):
+    """Turns --amp off on a CPU that emulates bfloat16 (unless --force-amp), saying so: there
+    float32 is several times faster, and mixed precision brings nothing else on a CPU."""
+    on_cpu = torch.device(args.device).type == "cpu"
+    if args.amp and on_cpu and not args.force_amp and cpu_emulates_bfloat16():
+        utils.print_main(
+            "--amp: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so bfloat16 "
+            "would run several times slower than float32: training in float32 (--force-amp "
+            "insists on bfloat16)"
+        )
+        args.amp = False
 
 
 def get_datasets(args, checkpoint):

@@ -1,12 +1,20 @@
 """The loops of engine.py on a stub model: scheduling, stop flags, non-finite losses, evaluation."""
 
 import argparse
+import platform
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_sample
 
-from engine import NonFiniteLossError, evaluate, images_to_device, train_one_epoch
+from engine import (
+    NonFiniteLossError,
+    cpu_emulates_bfloat16,
+    evaluate,
+    images_to_device,
+    train_one_epoch,
+)
 
 
 class LinearLossModel(torch.nn.Module):
@@ -126,3 +134,16 @@ def test_evaluate_gives_float32_outputs_and_per_image_metrics_by_image_id():
     assert set(evaluator.updates) == {7, 8} and stats["bbox"] == [2]
     assert all(o["masks"].dtype == torch.float32 for o in evaluator.updates.values())
     assert stats["objects"] == {7: (3, 1), 8: (1, 1)}
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads /proc/cpuinfo"
+)
+def test_bfloat16_emulation_is_told_from_the_cpus_flags():
+    flags = next(
+        line.split(":", 1)[1].split()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("flags")
+    )
+    native = bool({"avx512_bf16", "amx_tile"} & set(flags))
+    assert cpu_emulates_bfloat16() is not native

@@ -196,10 +196,32 @@ def test_warmup_rises_linearly_to_the_lr_over_its_iterations(warmup_iters, expec
 
 @pytest.mark.slow
 def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
-    run_main(demo_root, tmp_path, "--epochs", "1", "--amp")
+    # --force-amp: bfloat16 also where CI's CPU would only emulate it.
+    run_main(demo_root, tmp_path, "--epochs", "1", "--amp", "--force-amp")
     (record,) = read_log(tmp_path)
     assert all(torch.isfinite(torch.tensor(v)) for v in record["train"].values())
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["args"]["amp"] is True
+
+
+@pytest.mark.parametrize(
+    ("emulated", "extra", "amp", "notice"),
+    [(True, [], False, True), (True, ["--force-amp"], True, False), (False, [], True, False)],
+)
+def test_amp_runs_float32_on_a_cpu_that_emulates_bfloat16(
+    monkeypatch, capsys, emulated, extra, amp, notice
+):
+    monkeypatch.setattr(train, "cpu_emulates_bfloat16", lambda: emulated)
+    args = train.get_args_parser().parse_args(["--device", "cpu", "--amp", *extra])
+    train.choose_precision(args)
+    assert args.amp is amp
+    assert ("training in float32 (--force-amp insists" in capsys.readouterr().out) is notice
+
+
+def test_amp_is_kept_on_cuda(monkeypatch):
+    monkeypatch.setattr(train, "cpu_emulates_bfloat16", lambda: True)
+    args = train.get_args_parser().parse_args(["--device", "cuda", "--amp"])
+    train.choose_precision(args)
+    assert args.amp is True
 
 
 @pytest.mark.slow
@@ -257,6 +279,7 @@ def run_cli(*argv):
         (["--data-path", "/nonexistent/coco"], "--data-path /nonexistent/coco: no such folder"),
         (["--use-copypaste"], "--use-copypaste works only with --data-augmentation lsj"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--force-amp"], "--force-amp works only with --amp"),
     ],
 )
 def test_bad_input_gives_one_line_error(argv, expected):
