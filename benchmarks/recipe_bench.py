@@ -9,13 +9,16 @@ side, and the compute of each whole run (its steps x seconds per step) relative 
 A recipe is NAME=FLAGS: train.py's flags (a --config file and what overrides it). Each builds its
 model, optimizer and batches from train.py's own functions, on --data-path's training images
 through the recipe's augmentation; batches are made once and held in memory, so data loading
-is not timed, and evaluation is not counted. The learning rate is set to 0: the weights stay as
-initialised (a model from scratch at full rate without its warmup can blow up into values that
-make the arithmetic itself slower), while every step still computes and applies its update. A
-run is --steps steps after one untimed step; runs
-of the recipes alternate, their order rotated from repeat to repeat, so all of them see the same
-load. Figures are medians over the repeats. A run's compute is its epochs x steps per epoch
-(batches of the training set) x seconds per step: load-independent as a ratio, not as seconds.
+is not timed, and evaluation is not counted. `--amp` recipes run under train.py's autocast
+(bfloat16 on the CPU, also where train.py would fall back to float32). The learning rate is set
+to 0: the weights stay as they start (a model from scratch at full rate without its warmup can
+blow up into values that make the arithmetic itself slower), while every step still computes
+and applies its update. They start as initialised, or from a recipe's `--weights FILE`: a
+trained checkpoint gives the RPN proposals, and so the RoIs that reach the heads, of a trained
+model. A run is --steps steps after one untimed step; runs of the recipes alternate, their order
+rotated from repeat to repeat, so all of them see the same load. Figures are medians over the
+repeats. A run's compute is its epochs x steps per epoch (batches of the training set) x seconds
+per step: load-independent as a ratio, not as seconds.
 """
 
 import argparse
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import engine  # noqa: E402
 import models  # noqa: E402
 import recipes  # noqa: E402
 import train  # noqa: E402
@@ -75,8 +79,9 @@ class Recipe:
         return self.args.epochs * self.steps_per_epoch
 
     def step(self, images, targets):
-        images = [image.float() / 255 if image.dtype == torch.uint8 else image for image in images]
-        losses = self.model(images, list(targets))
+        images = engine.images_to_device(images, "cpu")
+        with engine.autocast("cpu", self.args.amp):
+            losses = self.model(images, list(targets))
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         if self.args.clip_grad_norm:

@@ -13,12 +13,14 @@ import train
 from errors import ConfigError
 
 DEMO_FLAGS = [
-    "--data-path", "datasets/demo", "--output-dir", "output/demo", "--epochs", "8", "-b", "2",
-    "-j", "1", "--min-size", "192", "--max-size", "192", "--opt", "adamw", "--lr", "0.0005",
-    "--clip-grad-norm", "10", "--lr-scheduler", "cosineannealinglr",
+    "--data-path", "datasets/demo", "--output-dir", "output/demo",
+    "--model", "maskrcnn_resnet18_fpn", "--fpn-channels", "64", "--epochs", "6", "-b", "2",
+    "-j", "1", "--min-size", "320", "--max-size", "320", "--opt", "adamw", "--lr", "0.001",
+    "--clip-grad-norm", "10", "--lr-scheduler", "cosineannealinglr", "--warmup-iters", "10",
     "--rpn-post-nms-top-n-train", "300", "--rpn-post-nms-top-n-test", "300",
-    "--box-batch-size-per-image", "32", "--box-score-thresh", "0",
-    "--anchor-sizes", "8", "16", "32", "64", "128", "--seed", "0",
+    "--box-batch-size-per-image", "64", "--box-positive-fraction", "0.5",
+    "--box-score-thresh", "0", "--anchor-sizes", "8", "16", "32", "64", "128",
+    "--eval-every", "2", "--seed", "0",
 ]  # fmt: skip
 
 
@@ -141,7 +143,8 @@ def test_round_trip_of_defaults(tmp_path):
 def test_round_trip_of_a_full_run(tmp_path):
     argv = DEMO_FLAGS + [
         "--train-ann", 'odd "quoted" \\path\\ é\tname.json', "--weights", "W.COCO_V1",
-        "--wd", "1e-06", "--lr-steps", "3", "5", "--amp", "--dsb-score", "--keep-last", "2",
+        "--wd", "1e-06", "--lr-steps", "3", "5", "--amp", "--force-amp", "--dsb-score",
+        "--keep-last", "2",
         "--norm-weight-decay", "0", "--momentum", "0.95", "--lr-gamma", "3e-20",
         "--rpn-score-thresh", "1e16", "--dist-backend", "gloo", "--data-augmentation", "lsj",
         "--use-copypaste", "--resume", "auto", "--test-only", "--device", "cpu", "--debug",
