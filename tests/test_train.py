@@ -204,24 +204,22 @@ def test_amp_trains_on_cpu_with_bfloat16(demo_root, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("emulated", "extra", "amp", "notice"),
-    [(True, [], False, True), (True, ["--force-amp"], True, False), (False, [], True, False)],
+    ("device", "emulated", "extra", "amp", "notice"),
+    [
+        ("cpu", True, [], False, True),
+        ("cpu", True, ["--force-amp"], True, False),
+        ("cpu", False, [], True, False),
+        ("cuda", True, [], True, False),
+    ],
 )
-def test_amp_runs_float32_on_a_cpu_that_emulates_bfloat16(
-    monkeypatch, capsys, emulated, extra, amp, notice
+def test_amp_runs_float32_only_on_a_cpu_that_emulates_bfloat16(
+    monkeypatch, capsys, device, emulated, extra, amp, notice
 ):
     monkeypatch.setattr(train, "cpu_emulates_bfloat16", lambda: emulated)
-    args = train.get_args_parser().parse_args(["--device", "cpu", "--amp", *extra])
+    args = train.get_args_parser().parse_args(["--device", device, "--amp", *extra])
     train.choose_precision(args)
     assert args.amp is amp
     assert ("training in float32 (--force-amp insists" in capsys.readouterr().out) is notice
-
-
-def test_amp_is_kept_on_cuda(monkeypatch):
-    monkeypatch.setattr(train, "cpu_emulates_bfloat16", lambda: True)
-    args = train.get_args_parser().parse_args(["--device", "cuda", "--amp"])
-    train.choose_precision(args)
-    assert args.amp is True
 
 
 @pytest.mark.slow
