@@ -34,7 +34,7 @@ from errors import CommandError, ConfigError, DataError
 IOU_TYPES = ("bbox", "segm")
 # pip package: (module with COCO, module with the COCOeval class, its name). All follow
 # pycocotools' API; the default is the fastest whose precision and recall arrays are bit-identical
-# to pycocotools' (README, Evaluation).
+# to pycocotools' (docs/evaluation.md, Backend).
 BACKENDS = {
     "hotcoco": ("hotcoco", "hotcoco", "COCOeval"),
     "ultrafast-pycocotools": ("ultrafast_pycocotools", "ultrafast_pycocotools", "COCOeval"),

@@ -63,7 +63,7 @@ def read_annotation_file(ann_file):
 @contextlib.contextmanager
 def gc_paused():
     """Holds off the cyclic garbage collector while a parse creates millions of objects without
-    cycles, which it would traverse again and again (README, Performance)."""
+    cycles, which it would traverse again and again (docs/performance.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -38,10 +38,9 @@ catch a Mask R-CNN mask that is coarse or off the nucleus, the border probabilit
 the shape a fragment.
 
 Combiner. A LightGBM regressor, fitted on a split that trained neither model, predicts each
-candidate's best mask IoU with the ground truth. LightGBM rather than scikit-learn's
-HistGradientBoostingRegressor: both fit the same kind of model in about a second here, but a
-LightGBM model is plain text (`model_to_string`), so the ensemble file stays a dict that
-`torch.load(weights_only=True)` reads, where a scikit-learn model only pickles.
+candidate's best mask IoU with the ground truth. Its model is kept as plain text
+(`model_to_string`), so the ensemble file stays a dict that `torch.load(weights_only=True)` reads
+(why LightGBM: docs/nuclei.md).
 
 Selection. Candidates are taken greedily by predicted quality (the baseline: by its fixed
 score) down to `min_quality`, skipping one whose mask IoU with one already kept exceeds

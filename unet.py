@@ -21,11 +21,7 @@ stays the same for every model. For each image:
 Losses. `loss_foreground` and `loss_border` are each binary cross-entropy plus soft Dice loss
 (1 - Dice) over the batch, ignoring the batch padding; `loss_border` is multiplied by
 `border_weight`. `loss_classifier` is the cross-entropy of the category over foreground pixels
-only, since background is the foreground channel's job. Cross-entropy gives every pixel a
-gradient; Dice measures the overlap of the whole map, so the border, a few percent of the pixels,
-cannot be learnt away by predicting none of it. BCE + Dice on mask and border channels is the
-loss of the DSB2018-winning U-Nets; the border is up-weighted because it alone decides where one
-nucleus ends and the next begins.
+only, since background is the foreground channel's job (why these losses: docs/nuclei.md).
 
 Instances. Seeds are the connected components (4-connected) of foreground > foreground_thresh
 and border <= border_thresh, of at least `min_seed_area` pixels: smaller ones are slivers cut
@@ -39,9 +35,7 @@ there is one category). Its mask holds the foreground probability inside the ins
 outside: thresholding it at 0.5 gives the instance, and the maximum over an image's masks is
 the foreground probability on its instances.
 
-The watershed is scikit-image's: it takes the float probabilities, the seeds and a mask as they
-are and returns labels without watershed lines, where OpenCV's needs an 8-bit 3-channel image,
-a marker for the background and a pass to reassign its line pixels.
+The watershed is scikit-image's, on the float probabilities as they are, without watershed lines.
 
 BatchNorm. As torchvision builds detection models: with pretrained encoder weights the
 encoder's BatchNorm is FrozenBatchNorm2d (ImageNet statistics, which batches of 2 cannot
