@@ -82,7 +82,14 @@ from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_to_category_id
 from engine import evaluate, images_to_device
 from errors import CheckpointError, ConfigError, one_line_errors
-from instance_metrics import dsb_image_score, evaluated_instances, mask_ious, match_one_to_one
+from instance_metrics import evaluated_dsb_score, match_one_to_one
+from mask_geometry import (
+    MASK_THRESHOLD,
+    intersections_from_ious,
+    mask_areas,
+    mask_ious,
+    to_numpy,
+)
 from progress import progress
 
 FILE_VERSION = 1
@@ -132,12 +139,6 @@ BOOSTER_PARAMS = {
     "verbose": -1,
 }
 BOOSTER_ROUNDS = 300
-# As train.py --dsb-score: the DSB score counts masks scoring at least this.
-DSB_SCORE_THRESH = 0.5
-
-
-def to_numpy(value):
-    return value.detach().float().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
 
 def image_candidates(maskrcnn_output, unet_output, thresholds):
@@ -146,7 +147,7 @@ def image_candidates(maskrcnn_output, unet_output, thresholds):
     parts = []
     for source, output in ((MASKRCNN, maskrcnn_output), (UNET, unet_output)):
         scores = to_numpy(output["scores"])
-        masks = to_numpy(output["masks"])[:, 0] > 0.5
+        masks = to_numpy(output["masks"])[:, 0] > MASK_THRESHOLD
         keep = (scores >= thresholds["min_score"]) & (masks.sum((1, 2)) >= thresholds["min_area"])
         keep = np.flatnonzero(keep)
         keep = keep[np.argsort(-scores[keep], kind="stable")][: thresholds["max_candidates"]]
@@ -182,8 +183,8 @@ def pair_features(candidates):
     """Per candidate: best IoU with the other model and with its own, the other model's score
     at that best match, overlapping candidates, and the other model's candidates it contains."""
     iou, source, scores = candidates["iou"], candidates["source"], candidates["scores"]
-    areas = candidates["masks"].sum((1, 2)).astype(np.float64)
-    intersection = iou * (areas[:, None] + areas[None, :]) / (1.0 + iou)
+    areas = mask_areas(candidates["masks"])
+    intersection = intersections_from_ious(iou, areas, areas)
     other = source[:, None] != source[None, :]
     same = ~other & ~np.eye(len(source), dtype=bool)
     other_iou = np.where(other, iou, 0.0)
@@ -567,10 +568,6 @@ def check_not_fit_split(fit_info, ann):
         )
 
 
-def dsb_metric(target, output):
-    return dsb_image_score(*evaluated_instances(target, output, DSB_SCORE_THRESH))
-
-
 def run_evaluation(args):
     """segm AP, AP50, AP75 and the DSB2018 score of each mode of args.mode on a split."""
     device = torch.device(args.device)
@@ -599,7 +596,7 @@ def evaluate_mode(model, mode, loader, device, info):
         ["segm"],
         label_to_category_id=label_to_category_id(info["label_offset"], info["num_classes"]),
     )
-    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": dsb_metric})
+    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": evaluated_dsb_score})
     scores = list(stats["dsb"].values())
     segm = stats["segm"]
     return {

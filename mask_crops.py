@@ -10,7 +10,7 @@ a box each. `predict` runs the same modules (transform, backbone, RPN, RoI heads
 order and stops before that paste. `choose` picks and orders the detections to keep from their
 scores and labels; only those go through the mask head, and `paste_crops` resizes each one's
 mask exactly as torchvision does, thresholds it inside its box only, and `paste_rles` encodes
-the crop as compressed RLE of the whole image (tiling.crop_to_rle). Boxes, labels, scores and
+the crop as compressed RLE of the whole image (mask_geometry.crop_to_rle). Boxes, labels, scores and
 binary masks are those of `model(images)` with masks above MASK_THRESHOLD
 (tests/test_mask_crops.py).
 
@@ -28,8 +28,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, maskrcnn_inference
 from torchvision.models.detection.transform import resize_boxes
 
-from coco_results import MASK_THRESHOLD
-from tiling import crop_to_rle
+from mask_geometry import MASK_THRESHOLD, crop_to_rle
 
 # glibc's mallopt parameters.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

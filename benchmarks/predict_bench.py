@@ -69,9 +69,8 @@ import export  # noqa: E402
 import mask_crops  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
-from coco_results import MASK_THRESHOLD, masks_to_rles  # noqa: E402
 from coco_utils import load_image  # noqa: E402
-from tiling import crop_to_rle  # noqa: E402
+from mask_geometry import MASK_THRESHOLD, crop_to_rle, masks_to_rles  # noqa: E402
 
 MODEL = "maskrcnn_resnet50_fpn"
 NUM_CLASSES = 91
