@@ -18,8 +18,8 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-import mask_geometry
 from errors import DataError
+from mask_geometry import mask_boxes_xyxy
 
 try:
     from torchcodec.decoders import decode_image
@@ -285,7 +285,7 @@ def fill_bbox_and_area(annotation, height, width):
 def mask_boxes(masks, annotations):
     """XYXY float32 boxes around each [H,W] mask (to the pixel after the last); an empty mask keeps
     its annotation's bbox, so box-only annotations still train a detector."""
-    boxes = mask_geometry.mask_boxes(masks)[:, [1, 0, 3, 2]].astype(np.float32)
+    boxes = mask_boxes_xyxy(masks)
     for box, annotation in zip(boxes, annotations, strict=True):
         if not box[2] and "bbox" in annotation:
             x, y, w, h = annotation["bbox"]

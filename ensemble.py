@@ -87,6 +87,8 @@ from mask_geometry import (
     MASK_THRESHOLD,
     intersections_from_ious,
     mask_areas,
+    mask_boxes,
+    mask_boxes_xyxy,
     mask_ious,
     to_numpy,
 )
@@ -148,7 +150,7 @@ def image_candidates(maskrcnn_output, unet_output, thresholds):
     for source, output in ((MASKRCNN, maskrcnn_output), (UNET, unet_output)):
         scores = to_numpy(output["scores"])
         masks = to_numpy(output["masks"])[:, 0] > MASK_THRESHOLD
-        keep = (scores >= thresholds["min_score"]) & (masks.sum((1, 2)) >= thresholds["min_area"])
+        keep = (scores >= thresholds["min_score"]) & (mask_areas(masks) >= thresholds["min_area"])
         keep = np.flatnonzero(keep)
         keep = keep[np.argsort(-scores[keep], kind="stable")][: thresholds["max_candidates"]]
         parts.append((source, masks[keep], scores[keep], to_numpy(output["labels"])[keep]))
@@ -173,8 +175,8 @@ def maskrcnn_foreground(maskrcnn_output, shape, min_score):
 
 def shape_features(mask):
     """Solidity, eccentricity, extent and perimeter / area of one non-empty mask."""
-    ys, xs = np.nonzero(mask)
-    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
+    top, left, bottom, right = mask_boxes(mask[None])[0]
+    crop = mask[top:bottom, left:right].astype(np.uint8)
     region = regionprops(crop)[0]
     return region.solidity, region.eccentricity, region.extent, region.perimeter / region.area
 
@@ -209,7 +211,7 @@ def candidate_features(candidates, maskrcnn_fg, unet_maps):
     if len(masks) == 0:
         return np.zeros((0, len(FEATURES)), dtype=np.float32)
     unet_fg, unet_border = to_numpy(unet_maps["foreground"]), to_numpy(unet_maps["border"])
-    areas = masks.sum((1, 2)).astype(np.float64)
+    areas = mask_areas(masks).astype(np.float64)
 
     def mean_inside(probability):
         return np.array([probability[m].mean() for m in masks])
@@ -305,12 +307,8 @@ def detections(candidates, resolved, quality, device):
     height, width = candidates["masks"].shape[1:]
     indices = [i for i, _ in resolved]
     masks = np.array([m for _, m in resolved], dtype=np.float32).reshape(-1, height, width)
-    boxes = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     return {
-        "boxes": torch.tensor(boxes, dtype=torch.float32, device=device).reshape(-1, 4),
+        "boxes": torch.from_numpy(mask_boxes_xyxy(masks)).to(device),
         "labels": torch.as_tensor(candidates["labels"][indices], device=device).long(),
         "scores": torch.as_tensor(quality[indices], dtype=torch.float32, device=device),
         "masks": torch.from_numpy(masks[:, None]).to(device),

@@ -2,9 +2,14 @@
 boxes, areas, shared pixels and IoU of binary masks, and COCO RLE both ways.
 
 Boxes here are (top, left, bottom, right) in pixels, ends exclusive; torchvision's XYXY boxes
-are (x0, y0, x1, y1) and say so where they appear. Imports numpy and pycocotools' mask module,
-never torch: tensors are read through their own methods, so that `python coco_eval.py` stays
-light.
+are (x0, y0, x1, y1) and say so where they appear. Two RLE encoders, for two inputs:
+`masks_to_rles` encodes a batch of mask probabilities (a tensor of whole-image masks, on any
+device) reading only the rows that hold pixels; `crop_to_rle` encodes one binary mask from the
+crop that holds its pixels, never building the whole mask (compressed_rle and uncompressed_rle
+are it for a whole numpy mask). `rle_to_crop` decodes one box of a mask.
+
+Imports numpy and pycocotools' mask module, never torch: tensors are read through their own
+methods, so that `python coco_eval.py` stays light.
 """
 
 import numpy as np
@@ -47,6 +52,12 @@ def mask_boxes(masks):
     end_column = columns.shape[1] - columns[:, ::-1].argmax(1)
     boxes = np.stack([first_row, first_column, end_row, end_column], 1).astype(np.int64)
     return np.where(rows.any(1)[:, None], boxes, 0)
+
+
+def mask_boxes_xyxy(masks):
+    """[N, 4] float32 torchvision boxes (x0, y0, x1, y1) of mask_boxes: around each mask, to the
+    pixel after the last; zeros for an empty mask."""
+    return mask_boxes(masks)[:, [1, 0, 3, 2]].astype(np.float32)
 
 
 def mask_areas(masks):

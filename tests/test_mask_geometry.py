@@ -14,6 +14,7 @@ from mask_geometry import (
     instance_stack,
     mask_areas,
     mask_boxes,
+    mask_boxes_xyxy,
     mask_ious,
     masks_to_rles,
     pairwise_intersections,
@@ -37,6 +38,7 @@ def test_boxes_of_a_hand_drawn_mask_and_an_empty_one():
     expected = [[1, 2, 5, 6], [0, 0, 0, 0], [0, 0, 6, 7]]
     assert mask_boxes(masks).tolist() == expected
     assert mask_boxes(torch.from_numpy(masks)).tolist() == expected
+    assert mask_boxes_xyxy(masks).tolist() == [[2, 1, 6, 5], [0, 0, 0, 0], [0, 0, 7, 6]]
     assert mask_areas(masks).tolist() == [3, 0, 42]
 
 
