@@ -19,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from errors import DataError
+from mask_geometry import mask_boxes_xyxy
 
 try:
     from torchcodec.decoders import decode_image
@@ -256,6 +257,12 @@ def label_offset_of(category_ids):
     return max(0, 1 - min(category_ids, default=1))
 
 
+def num_classes_of(category_ids, label_offset):
+    """The classes a model needs for these categories: the largest model label, plus one for
+    the background (label 0)."""
+    return max(category_ids, default=0) + label_offset + 1
+
+
 def has_shape(segmentation):
     if isinstance(segmentation, list):
         return any(len(polygon) >= 6 for polygon in segmentation)
@@ -276,16 +283,13 @@ def fill_bbox_and_area(annotation, height, width):
 
 
 def mask_boxes(masks, annotations):
-    """XYXY boxes around each [H,W] mask (to the pixel after the last); an empty mask keeps its
-    annotation's bbox, so box-only annotations still train a detector."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, (mask, annotation) in enumerate(zip(masks, annotations, strict=True)):
-        rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        if rows.size:
-            boxes[i] = columns[0], rows[0], columns[-1] + 1, rows[-1] + 1
-        elif "bbox" in annotation:
+    """XYXY float32 boxes around each [H,W] mask (to the pixel after the last); an empty mask keeps
+    its annotation's bbox, so box-only annotations still train a detector."""
+    boxes = mask_boxes_xyxy(masks)
+    for box, annotation in zip(boxes, annotations, strict=True):
+        if not box[2] and "bbox" in annotation:
             x, y, w, h = annotation["bbox"]
-            boxes[i] = x, y, x + w, y + h
+            box[:] = x, y, x + w, y + h
     return boxes
 
 

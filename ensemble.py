@@ -81,7 +81,16 @@ from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_to_category_id
 from engine import evaluate, images_to_device
 from errors import CheckpointError, ConfigError, one_line_errors
-from instance_metrics import dsb_image_score, evaluated_instances, mask_ious, match_one_to_one
+from instance_metrics import evaluated_dsb_score, match_one_to_one
+from mask_geometry import (
+    MASK_THRESHOLD,
+    intersections_from_ious,
+    mask_areas,
+    mask_boxes,
+    mask_boxes_xyxy,
+    mask_ious,
+    to_numpy,
+)
 from progress import progress
 
 FILE_VERSION = 1
@@ -131,12 +140,6 @@ BOOSTER_PARAMS = {
     "verbose": -1,
 }
 BOOSTER_ROUNDS = 300
-# As train.py --dsb-score: the DSB score counts masks scoring at least this.
-DSB_SCORE_THRESH = 0.5
-
-
-def to_numpy(value):
-    return value.detach().float().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
 
 
 def image_candidates(maskrcnn_output, unet_output, thresholds):
@@ -145,8 +148,8 @@ def image_candidates(maskrcnn_output, unet_output, thresholds):
     parts = []
     for source, output in ((MASKRCNN, maskrcnn_output), (UNET, unet_output)):
         scores = to_numpy(output["scores"])
-        masks = to_numpy(output["masks"])[:, 0] > 0.5
-        keep = (scores >= thresholds["min_score"]) & (masks.sum((1, 2)) >= thresholds["min_area"])
+        masks = to_numpy(output["masks"])[:, 0] > MASK_THRESHOLD
+        keep = (scores >= thresholds["min_score"]) & (mask_areas(masks) >= thresholds["min_area"])
         keep = np.flatnonzero(keep)
         keep = keep[np.argsort(-scores[keep], kind="stable")][: thresholds["max_candidates"]]
         parts.append((source, masks[keep], scores[keep], to_numpy(output["labels"])[keep]))
@@ -171,8 +174,8 @@ def maskrcnn_foreground(maskrcnn_output, shape, min_score):
 
 def shape_features(mask):
     """Solidity, eccentricity, extent and perimeter / area of one non-empty mask."""
-    ys, xs = np.nonzero(mask)
-    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
+    top, left, bottom, right = mask_boxes(mask[None])[0]
+    crop = mask[top:bottom, left:right].astype(np.uint8)
     region = regionprops(crop)[0]
     return region.solidity, region.eccentricity, region.extent, region.perimeter / region.area
 
@@ -181,8 +184,8 @@ def pair_features(candidates):
     """Per candidate: best IoU with the other model and with its own, the other model's score
     at that best match, overlapping candidates, and the other model's candidates it contains."""
     iou, source, scores = candidates["iou"], candidates["source"], candidates["scores"]
-    areas = candidates["masks"].sum((1, 2)).astype(np.float64)
-    intersection = iou * (areas[:, None] + areas[None, :]) / (1.0 + iou)
+    areas = mask_areas(candidates["masks"])
+    intersection = intersections_from_ious(iou, areas, areas)
     other = source[:, None] != source[None, :]
     same = ~other & ~np.eye(len(source), dtype=bool)
     other_iou = np.where(other, iou, 0.0)
@@ -207,7 +210,7 @@ def candidate_features(candidates, maskrcnn_fg, unet_maps):
     if len(masks) == 0:
         return np.zeros((0, len(FEATURES)), dtype=np.float32)
     unet_fg, unet_border = to_numpy(unet_maps["foreground"]), to_numpy(unet_maps["border"])
-    areas = masks.sum((1, 2)).astype(np.float64)
+    areas = mask_areas(masks).astype(np.float64)
 
     def mean_inside(probability):
         return np.array([probability[m].mean() for m in masks])
@@ -303,12 +306,8 @@ def detections(candidates, resolved, quality, device):
     height, width = candidates["masks"].shape[1:]
     indices = [i for i, _ in resolved]
     masks = np.array([m for _, m in resolved], dtype=np.float32).reshape(-1, height, width)
-    boxes = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     return {
-        "boxes": torch.tensor(boxes, dtype=torch.float32, device=device).reshape(-1, 4),
+        "boxes": torch.from_numpy(mask_boxes_xyxy(masks)).to(device),
         "labels": torch.as_tensor(candidates["labels"][indices], device=device).long(),
         "scores": torch.as_tensor(quality[indices], dtype=torch.float32, device=device),
         "masks": torch.from_numpy(masks[:, None]).to(device),
@@ -566,10 +565,6 @@ def check_not_fit_split(fit_info, ann):
         )
 
 
-def dsb_metric(target, output):
-    return dsb_image_score(*evaluated_instances(target, output, DSB_SCORE_THRESH))
-
-
 def run_evaluation(args):
     """segm AP, AP50, AP75 and the DSB2018 score of each mode of args.mode on a split."""
     device = torch.device(args.device)
@@ -598,7 +593,7 @@ def evaluate_mode(model, mode, loader, device, info):
         ["segm"],
         label_to_category_id=label_to_category_id(info["label_offset"], info["num_classes"]),
     )
-    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": dsb_metric})
+    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": evaluated_dsb_score})
     scores = list(stats["dsb"].values())
     segm = stats["segm"]
     return {

@@ -26,7 +26,7 @@ with TP the one-to-one matches at IoU above t, FP = predictions - TP and FN = gr
 each summed over the images before dividing; with no objects at all it is 1 (nothing to find,
 nothing found). It ignores the kinds: a matched piece of a split object counts as a TP there.
 
-Masks come as an [N, H, W] stack or an [H, W] label image (see instance_metrics.instance_stack);
+Masks come as an [N, H, W] stack or an [H, W] label image (see mask_geometry.instance_stack);
 object k of a label image is its k-th smallest nonzero label.
 """
 
@@ -35,7 +35,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instance_metrics import instance_stack, mask_ious, match_one_to_one
+from instance_metrics import match_one_to_one
+from mask_geometry import (
+    instance_stack,
+    intersections_from_ious,
+    mask_areas,
+    mask_ious,
+)
 
 KINDS = ("true_positive", "missed", "extra", "split", "merged")
 MATCH_IOU = 0.5
@@ -91,34 +97,14 @@ class ImageErrors:
         return counts
 
 
-def pairwise_intersections(gt, pred):
-    """[K, P] pixel counts of gt object k AND prediction p (int64), for stacks or label images.
-
-    Derived from instance_metrics.mask_ious, which compares only masks whose boxes overlap, so a
-    few hundred objects per image stay cheap.
-    """
-    gt, pred = instance_stack(gt), instance_stack(pred)
-    return _intersections(mask_ious(gt, pred), _areas(gt), _areas(pred))
-
-
-def _intersections(iou, gt_areas, pred_areas):
-    # IoU = I / (A + B - I) gives I = IoU (A + B) / (1 + IoU); rounding makes it exact again.
-    areas = gt_areas[:, None] + pred_areas[None, :]
-    return np.rint(iou * areas / (1 + iou)).astype(np.int64)
-
-
-def _areas(masks):
-    return np.count_nonzero(masks, axis=(1, 2))
-
-
 def classify(gt, pred):
     """ImageErrors of one image's predicted masks against its ground truth (module docstring)."""
     gt, pred = instance_stack(gt), instance_stack(pred)
     if gt.shape[1:] != pred.shape[1:]:
         raise ValueError(f"ground truth is {gt.shape[1:]} pixels, predictions {pred.shape[1:]}")
     iou = mask_ious(gt, pred)
-    gt_areas, pred_areas = _areas(gt), _areas(pred)
-    inter = _intersections(iou, gt_areas, pred_areas)
+    gt_areas, pred_areas = mask_areas(gt), mask_areas(pred)
+    inter = intersections_from_ious(iou, gt_areas, pred_areas)
     gt_kinds, pred_kinds = ["missed"] * len(gt), ["extra"] * len(pred)
 
     merges = _groups(_holder(inter, gt_areas, axis=1))

@@ -6,12 +6,12 @@ model path.
 In eval mode torchvision's `MaskRCNN` pastes every detection's 28x28 mask probabilities into a
 zero float tensor of the whole image (`paste_masks_in_image`, a Python loop over detections)
 and stacks them: N x H x W x 4 bytes written, read again to threshold them, for masks that cover
-a box each. `predict` runs the same modules (transform, backbone, RPN, RoI heads) in the same
-order and stops before that paste. `choose` picks and orders the detections to keep from their
-scores and labels; only those go through the mask head, and `paste_crops` resizes each one's
-mask exactly as torchvision does, thresholds it inside its box only, and `paste_rles` encodes
-the crop as compressed RLE of the whole image (tiling.crop_to_rle). Boxes, labels, scores and
-binary masks are those of `model(images)` with masks above MASK_THRESHOLD
+a box each. `predict` runs rcnn_inference.detect (the path export.py traces) and stops before
+that paste. `choose` picks and orders the detections to keep from their scores and labels; only
+those go through the mask head, and `paste_crops` resizes each one's mask exactly as torchvision
+does, thresholds it inside its box only, and `paste_rles` encodes the crop as compressed RLE of
+the whole image (mask_geometry.crop_to_rle). Boxes, labels, scores and binary masks are those of
+`model(images)` with masks above MASK_THRESHOLD
 (tests/test_mask_crops.py).
 
 `keep_freed_memory()` makes glibc's malloc keep the memory that tensors free for the next ones,
@@ -25,11 +25,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks, maskrcnn_inference
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
-from coco_results import MASK_THRESHOLD
-from tiling import crop_to_rle
+from mask_geometry import MASK_THRESHOLD, crop_to_rle
+from rcnn_inference import detect
 
 # glibc's mallopt parameters.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
@@ -59,41 +58,13 @@ def predict(model, image, choose):
     """The detections of one [3, H, W] float image that `choose(scores, labels)` keeps, in the
     order of the indices it returns: boxes, labels and scores on the CPU, and masks as a list of
     compressed RLE dicts of the whole image (pycocotools' format, counts as bytes)."""
-    height, width = image.shape[-2:]
-    batch, _ = model.transform([image])
-    features = model.backbone(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = {"0": features}
-    proposals, _ = model.rpn(batch, features)
-    boxes, scores, labels = box_detections(model.roi_heads, features, proposals, batch.image_sizes)
-    order = choose(scores, labels).to(boxes.device)
-    boxes, scores, labels = boxes[order], scores[order], labels[order]
-    probabilities = mask_probabilities(model.roi_heads, features, boxes, labels, batch.image_sizes)
-    boxes = resize_boxes(boxes, batch.image_sizes[0], [height, width])
+    boxes, scores, labels, probabilities = detect(model, image, choose)
     return {
         "boxes": boxes.cpu(),
         "labels": labels.cpu(),
         "scores": scores.cpu(),
-        "masks": paste_rles(probabilities, boxes, height, width),
+        "masks": paste_rles(probabilities, boxes, *image.shape[-2:]),
     }
-
-
-def box_detections(heads, features, proposals, image_sizes):
-    """(boxes, scores, labels) of one image from the box branch of torchvision's RoIHeads, in the
-    resized image's pixels."""
-    pooled = heads.box_roi_pool(features, proposals, image_sizes)
-    class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
-    boxes, scores, labels = heads.postprocess_detections(
-        class_logits, box_regression, proposals, image_sizes
-    )
-    return boxes[0], scores[0], labels[0]
-
-
-def mask_probabilities(heads, features, boxes, labels, image_sizes):
-    """[N, 1, M, M] mask probabilities of each box's label, from the mask branch of RoIHeads."""
-    pooled = heads.mask_roi_pool(features, [boxes], image_sizes)
-    logits = heads.mask_predictor(heads.mask_head(pooled))
-    return maskrcnn_inference(logits, [labels])[0]
 
 
 def paste_crops(masks, boxes, height, width, threshold=MASK_THRESHOLD):

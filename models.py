@@ -24,6 +24,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import unet
 import utils
+from coco_utils import num_classes_of
 from errors import CheckpointError, ConfigError
 from tiling import TiledModel
 from tta import TTA
@@ -496,5 +497,5 @@ def load_model(path, device="cpu"):
 def exported_checkpoint(model):
     """What predict.py reads of a checkpoint, for an exported file."""
     names = model.category_names
-    num_classes = max(names, default=0) + model.label_offset + 1
+    num_classes = num_classes_of(names, model.label_offset)
     return {"category_names": names, "label_offset": model.label_offset, "num_classes": num_classes}

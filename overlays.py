@@ -30,6 +30,8 @@ from functools import partial
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mask_geometry import mask_boxes, to_numpy
+
 MIN_SHORT_SIDE = 512
 MAX_LONG_SIDE = 4096
 FILL_ALPHA = 0.4
@@ -180,16 +182,6 @@ def neighbour_colours(boxes):
     return [palette[index] for index in chosen]
 
 
-def mask_boxes(masks):
-    """[N, 4] int (y0, x0, y1, x1) of each mask in pixels, ends exclusive; (0, 0, 0, 0) when
-    empty."""
-    rows, columns = masks.any(2), masks.any(1)
-    y0, x0 = rows.argmax(1), columns.argmax(1)
-    y1, x1 = rows.shape[1] - rows[:, ::-1].argmax(1), columns.shape[1] - columns[:, ::-1].argmax(1)
-    boxes = np.stack([y0, x0, y1, x1], 1)
-    return np.where(rows.any(1)[:, None], boxes, 0)
-
-
 def boxes_to_masks(boxes, height, width):
     """[N, height, width] masks filling (x0, y0, x1, y1) boxes (torchvision's order), so that
     models without masks draw through draw_instances too: the box becomes the contour."""
@@ -203,7 +195,7 @@ def boxes_to_masks(boxes, height, width):
 def _image_array(image):
     # Tensors are [3, H, W] (torchvision's layout), arrays [H, W, 3] (PIL's).
     if hasattr(image, "numpy"):
-        image = image.detach().cpu().numpy().transpose(1, 2, 0)
+        image = to_numpy(image).transpose(1, 2, 0)
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
@@ -217,9 +209,7 @@ def _mask_array(masks, size=None):
     """[N, H, W] bool numpy masks; None is no mask. With `size`, (H, W) must equal it."""
     if masks is None:
         return np.zeros((0, *size), dtype=bool)
-    if hasattr(masks, "numpy"):
-        masks = masks.detach().cpu().numpy()
-    masks = np.asarray(masks, dtype=bool)
+    masks = np.asarray(to_numpy(masks), dtype=bool)
     size = masks.shape[1:] if size is None else tuple(size)
     if masks.ndim != 3 or masks.shape[1:] != size:
         raise ValueError(f"masks must be [N, {size[0]}, {size[1]}], got {list(masks.shape)}")

@@ -49,7 +49,7 @@ import error_analysis
 import mask_crops
 import models
 import overlays
-from coco_results import MASK_THRESHOLD, prediction_records
+from coco_results import prediction_records
 from coco_utils import (
     image_path,
     load_image,
@@ -57,8 +57,9 @@ from coco_utils import (
     segmentation_to_mask,
 )
 from errors import ConfigError, DataError, one_line_errors
+from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD, rle_to_crop
 from progress import progress
-from tiling import TiledModel, check_tiling, rle_to_crop
+from tiling import TiledModel, check_tiling
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 # Overlays need each instance's full-size mask; tiled predictions of huge images skip them.
@@ -71,7 +72,10 @@ def get_args_parser():
     parser.add_argument("--input", required=True, help="an image, or a folder of images")
     parser.add_argument("--output", required=True, help="folder for overlays, labels, results")
     parser.add_argument(
-        "--score-thresh", default=0.5, type=float, help="keep detections scoring at least this"
+        "--score-thresh",
+        default=SCORE_THRESHOLD,
+        type=float,
+        help="keep detections scoring at least this",
     )
     parser.add_argument(
         "--label-format", default="png", choices=["png", "tif"], help="label image file format"

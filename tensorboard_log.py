@@ -31,11 +31,10 @@ from torchvision.transforms.v2 import functional as F
 
 from coco_eval import STAT_NAMES
 from engine import images_to_device
+from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD
 from overlays import boxes_to_masks, draw_instances
 from plot import precision_curves
 
-SCORE_THRESH = 0.5  # predict.py's default --score-thresh: the images show what it would write
-MASK_THRESH = 0.5
 GAP = 8  # white pixels between ground truth and prediction
 
 
@@ -94,13 +93,13 @@ def log_predictions(writer, epoch, images, targets, outputs):
 
 
 def side_by_side(image, target, output):
-    """[H', 2 W' + GAP, 3] uint8: ground truth left, predictions with score >= SCORE_THRESH
+    """[H', 2 W' + GAP, 3] uint8: ground truth left, predictions with score >= SCORE_THRESHOLD
     right, drawn as predict.py's overlays without captions."""
     image = F.to_dtype(image.cpu(), torch.uint8, scale=True)
     height, width = image.shape[-2:]
-    kept = output["scores"].cpu() >= SCORE_THRESH
+    kept = output["scores"].cpu() >= SCORE_THRESHOLD
     if "masks" in output:
-        predicted = output["masks"].cpu()[kept, 0] > MASK_THRESH
+        predicted = output["masks"].cpu()[kept, 0] > MASK_THRESHOLD
     else:
         predicted = boxes_to_masks(output["boxes"].cpu()[kept].numpy(), height, width)
     truth = draw_instances(image, target["masks"].cpu().bool(), text="off")

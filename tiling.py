@@ -48,9 +48,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_util
 
 from errors import ConfigError
+from mask_geometry import MASK_THRESHOLD, box_overlap, crop_to_rle, shared_pixels
 
 # A piece at least this fraction inside another is taken for a view of the same object.
 INSIDE_FRACTION = 0.5
@@ -94,6 +94,10 @@ class Piece:
     def right(self):
         return self.left + self.crop.shape[1]
 
+    @property
+    def extent(self):
+        return self.top, self.left, self.bottom, self.right
+
 
 def check_tiling(tile, overlap, batch_size=1):
     """Raises ConfigError unless windows of `tile` pixels overlapping by `overlap` make sense."""
@@ -131,7 +135,7 @@ def make_windows(height, width, tile, overlap):
 
 
 def predict_tiled(
-    model, image, tile=512, overlap=64, batch_size=4, mask_threshold=0.5, match_iou=0.5
+    model, image, tile=512, overlap=64, batch_size=4, mask_threshold=MASK_THRESHOLD, match_iou=0.5
 ):
     """The model's instances on a [3, H, W] image, found window by window and merged (see the
     module docstring); masks come back as compressed RLE of the whole image."""
@@ -185,7 +189,7 @@ def _window_input(image, window, device):
     return crop.float()
 
 
-def window_pieces(output, window, index, image_size, threshold=0.5):
+def window_pieces(output, window, index, image_size, threshold=MASK_THRESHOLD):
     """One window's detections as Pieces in image coordinates, masks thresholded and cropped to
     their pixels; detections without a pixel above `threshold` are left out."""
     if "masks" not in output:
@@ -313,9 +317,7 @@ def _meeting_boxes(pieces, first, second):
 
 
 def _extents(pieces, indices):
-    return np.array(
-        [[pieces[i].top, pieces[i].left, pieces[i].bottom, pieces[i].right] for i in indices]
-    )
+    return np.array([pieces[i].extent for i in indices])
 
 
 def _boxes_meet(a, b):
@@ -325,30 +327,15 @@ def _boxes_meet(a, b):
     )
 
 
-def _intersection(a, b, region=None):
-    """Pixels set in both pieces' masks, within `region` (top, left, bottom, right) if given."""
-    top, left = max(a.top, b.top), max(a.left, b.left)
-    bottom, right = min(a.bottom, b.bottom), min(a.right, b.right)
-    if region is not None:
-        top, left = max(top, region[0]), max(left, region[1])
-        bottom, right = min(bottom, region[2]), min(right, region[3])
-    if top >= bottom or left >= right:
-        return 0
-    return int(
-        np.count_nonzero(_view(a, top, left, bottom, right) & _view(b, top, left, bottom, right))
-    )
-
-
-def _view(piece, top, left, bottom, right):
-    return piece.crop[top - piece.top : bottom - piece.top, left - piece.left : right - piece.left]
+def _intersection(a, b):
+    """Pixels set in both pieces' masks."""
+    box = box_overlap(a.extent, b.extent)
+    return shared_pixels(a.crop, b.crop, box, (a.top, a.left), (b.top, b.left))
 
 
 def _pixels_in(piece, region):
-    top, left = max(piece.top, region[0]), max(piece.left, region[1])
-    bottom, right = min(piece.bottom, region[2]), min(piece.right, region[3])
-    if top >= bottom or left >= right:
-        return 0
-    return int(np.count_nonzero(_view(piece, top, left, bottom, right)))
+    origin = (piece.top, piece.left)
+    return shared_pixels(piece.crop, piece.crop, box_overlap(piece.extent, region), origin, origin)
 
 
 def _containers(pieces, shared, i):
@@ -434,78 +421,3 @@ def _to_output(pieces, height, width):
         "scores": torch.tensor([p.score for p in pieces], dtype=torch.float32),
         "masks": [crop_to_rle(p.crop, p.top, p.left, height, width) for p in pieces],
     }
-
-
-def crop_to_rle(crop, top, left, height, width):
-    """Compressed RLE of the height x width mask that holds the boolean `crop` at (top, left) and
-    nothing else, built from the crop alone: what pycocotools.mask.encode of the full mask gives."""
-    rows, columns = crop.shape
-    # RLE reads the image column by column: a run starts wherever a pixel differs from the one
-    # above it, the crop's outside being empty.
-    padded = np.zeros((columns, rows + 2), dtype=np.int8)
-    padded[:, 1:-1] = crop.T
-    column, row = np.nonzero(np.diff(padded, axis=1))
-    starts = (left + column.astype(np.int64)) * height + top + row
-    # A run that reaches the image's last row and one that starts on the next column's first row
-    # are one run, so the same position appears twice: it starts nothing.
-    twice = np.flatnonzero(starts[1:] == starts[:-1])
-    starts = np.delete(starts, np.concatenate([twice, twice + 1]))
-    starts = starts[starts < height * width]  # a run ending with the image starts nothing
-    counts = np.diff(np.concatenate([[0], starts, [height * width]])).astype(np.uint32)
-    return mask_util.frPyObjects([{"size": [height, width], "counts": counts}], height, width)[0]
-
-
-def rle_to_crop(rle, top, left, bottom, right):
-    """Pixels [top, bottom) x [left, right) of the mask a compressed RLE holds, as a boolean
-    array, decoded without the full-size mask."""
-    height = rle["size"][0]
-    ends = np.cumsum(_uncompress(rle["counts"]))
-    run_starts, run_stops = ends[0:-1:2], ends[1::2]  # runs alternate, zeros first
-    first_column, last_column = run_starts // height, (run_stops - 1) // height
-    # Each run, split into its pieces of one column.
-    spans = last_column - first_column + 1
-    column = np.repeat(first_column, spans) + _ranges(spans)
-    begin = np.where(
-        column == np.repeat(first_column, spans), np.repeat(run_starts % height, spans), 0
-    )
-    end = np.where(
-        column == np.repeat(last_column, spans),
-        np.repeat((run_stops - 1) % height + 1, spans),
-        height,
-    )
-    begin, end = np.clip(begin, top, bottom), np.clip(end, top, bottom)
-    inside = (left <= column) & (column < right) & (begin < end)
-    edges = np.zeros((bottom - top + 1, right - left), dtype=np.int32)
-    np.add.at(edges, (begin[inside] - top, column[inside] - left), 1)
-    np.add.at(edges, (end[inside] - top, column[inside] - left), -1)
-    return np.cumsum(edges, axis=0)[:-1] > 0
-
-
-def _ranges(lengths):
-    """0, 1, ..., n - 1 for each n in `lengths`, concatenated."""
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(lengths.sum()) - offsets
-
-
-def _uncompress(counts):
-    """The run lengths of pycocotools' compressed counts (bytes or str)."""
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    values = []
-    value = shift = 0
-    # Each count is written in 5-bit groups, low bits first, as characters from '0'; bit 0x20
-    # says another group follows, and 0x10 of the last one is the sign. From the third count on,
-    # it is the difference from the count two before.
-    for char in counts:
-        group = char - 48
-        value |= (group & 0x1F) << shift
-        shift += 5
-        if group & 0x20:
-            continue
-        if group & 0x10:
-            value -= 1 << shift
-        if len(values) > 2:
-            value += values[-2]
-        values.append(value)
-        value = shift = 0
-    return np.array(values, dtype=np.int64)

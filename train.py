@@ -37,17 +37,14 @@ import presets
 import recipes
 import utils
 from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
-from coco_utils import get_coco, label_to_category_id, split_paths
+from coco_utils import get_coco, label_to_category_id, num_classes_of, split_paths
 from engine import NonFiniteLossError, cpu_emulates_bfloat16, evaluate, train_one_epoch
 from errors import CheckpointError, CommandError, ConfigError, DataError
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
-from instance_metrics import dsb_image_score, evaluated_instances
+from instance_metrics import evaluated_dsb_score, evaluated_instances
+from mask_geometry import SCORE_THRESHOLD
 from tiling import check_tiling
 from transforms import copy_paste_collate_fn
-
-# --dsb-score and --error-analysis count predicted masks from this score up, the default of
-# predict.py's --score-thresh, so they describe the instances predict.py writes.
-INSTANCE_SCORE_THRESH = 0.5
 
 
 def get_args_parser(add_help=True):
@@ -202,13 +199,13 @@ def add_evaluation_args(parser):
         "--dsb-score",
         action="store_true",
         help="mask models: also report the DSB2018 score of the masks predicted with score "
-        f">= {INSTANCE_SCORE_THRESH}",
+        f">= {SCORE_THRESHOLD}",
     )
     evaluation.add_argument(
         "--error-analysis",
         action="store_true",
         help="mask models: count true positive, missed, extra, split and merged objects (masks "
-        f"with score >= {INSTANCE_SCORE_THRESH}) and F1 at IoU 0.5 and 0.7; errors.csv per image",
+        f"with score >= {SCORE_THRESHOLD}) and F1 at IoU 0.5 and 0.7; errors.csv per image",
     )
 
 
@@ -431,7 +428,7 @@ def get_data_loaders(args, dataset, dataset_val):
 
 
 def default_num_classes(dataset):
-    return max(dataset.category_names(), default=0) + dataset.label_offset + 1
+    return num_classes_of(dataset.category_names(), dataset.label_offset)
 
 
 def describe_categories(dataset, num_classes):
@@ -447,7 +444,7 @@ def describe_categories(dataset, num_classes):
 
 
 def check_num_classes(num_classes, dataset):
-    largest = max(dataset.category_names(), default=0) + dataset.label_offset
+    largest = default_num_classes(dataset) - 1
     if num_classes <= largest:
         raise ConfigError(
             f"--num-classes {num_classes} is too small: category label {largest} needs "
@@ -610,7 +607,7 @@ def evaluate_and_report(args, model, data_loader_val, num_classes, device, board
         scores = stats["dsb"]
         stats["dsb"] = sum(scores.values()) / max(len(scores), 1)
         utils.print_main(
-            f"DSB2018 score (masks with score >= {INSTANCE_SCORE_THRESH}, {len(scores)} images): "
+            f"DSB2018 score (masks with score >= {SCORE_THRESHOLD}, {len(scores)} images): "
             f"{stats['dsb']:.4f}"
         )
     if "errors" in stats:
@@ -627,12 +624,10 @@ def image_metrics(args):
     """The per-image metrics evaluation computes: {name: function of (target, output)}."""
 
     def dsb(target, output):
-        return dsb_image_score(*evaluated_instances(target, output, INSTANCE_SCORE_THRESH))
+        return evaluated_dsb_score(target, output)
 
     def errors(target, output):
-        return error_analysis.classify(
-            *evaluated_instances(target, output, INSTANCE_SCORE_THRESH)
-        ).counts()
+        return error_analysis.classify(*evaluated_instances(target, output)).counts()
 
     metrics = {"dsb": dsb} if args.dsb_score else {}
     if args.error_analysis:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import ConfigError
+from mask_geometry import MASK_THRESHOLD, box_overlap, mask_boxes, shared_pixels
 
 # The image dimensions each flip reverses.
 FLIPS = {"none": (), "h": (-1,), "v": (-2,), "hv": (-2, -1)}
@@ -50,7 +51,9 @@ class TTA(torch.nn.Module):
     # What models.predicts_masks asks of a model without roi_heads: the merge needs masks.
     predicts_masks = True
 
-    def __init__(self, model, flips=tuple(FLIPS), scales=(1.0,), match_iou=0.5, mask_threshold=0.5):
+    def __init__(
+        self, model, flips=tuple(FLIPS), scales=(1.0,), match_iou=0.5, mask_threshold=MASK_THRESHOLD
+    ):
         super().__init__()
         check_tta(flips, scales)
         self.model = model
@@ -107,7 +110,7 @@ def undo_view(output, flip, size):
     return {**output, "boxes": boxes, "masks": masks}
 
 
-def merge_views(outputs, match_iou=0.5, mask_threshold=0.5):
+def merge_views(outputs, match_iou=0.5, mask_threshold=MASK_THRESHOLD):
     """One image's instances from the un-flipped outputs of its views, by the rule of the module
     docstring."""
     masks = torch.cat([out["masks"] for out in outputs])
@@ -131,7 +134,7 @@ def merge_views(outputs, match_iou=0.5, mask_threshold=0.5):
 def cluster(binary, scores, labels, view_ids, match_iou):
     """Lists of detection indices, one per object: the clusters of the module docstring, from
     [N, H, W] boolean masks and per-detection scores, labels and views."""
-    extents = _extents(binary)
+    boxes = mask_boxes(binary)
     areas = binary.flatten(1).sum(dim=1).tolist()
     labels, view_ids = labels.tolist(), view_ids.tolist()
     clusters = []
@@ -141,7 +144,7 @@ def cluster(binary, scores, labels, view_ids, match_iou):
             seed = members[0]
             if labels[seed] != labels[i] or view_ids[i] in (view_ids[m] for m in members):
                 continue
-            inter = _shared_pixels(binary, extents, seed, i)
+            inter = shared_pixels(binary[seed], binary[i], box_overlap(boxes[seed], boxes[i]))
             iou = inter / (areas[seed] + areas[i] - inter) if inter else 0.0
             if iou >= best_iou:
                 best, best_iou = members, iou
@@ -150,24 +153,3 @@ def cluster(binary, scores, labels, view_ids, match_iou):
         else:
             best.append(i)
     return clusters
-
-
-def _extents(binary):
-    """Per [H, W] mask the box (top, left, bottom, right) of its pixels; None when it has none."""
-    extents = []
-    for rows, columns in zip(binary.any(dim=2), binary.any(dim=1), strict=True):
-        ys, xs = torch.nonzero(rows)[:, 0], torch.nonzero(columns)[:, 0]
-        box = (int(ys[0]), int(xs[0]), int(ys[-1]) + 1, int(xs[-1]) + 1) if len(ys) else None
-        extents.append(box)
-    return extents
-
-
-def _shared_pixels(binary, extents, a, b):
-    """Pixels set in both masks a and b, counted within the overlap of their boxes only."""
-    if extents[a] is None or extents[b] is None:
-        return 0
-    top, left = max(extents[a][0], extents[b][0]), max(extents[a][1], extents[b][1])
-    bottom, right = min(extents[a][2], extents[b][2]), min(extents[a][3], extents[b][3])
-    if top >= bottom or left >= right:
-        return 0
-    return int((binary[a, top:bottom, left:right] & binary[b, top:bottom, left:right]).sum())

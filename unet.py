@@ -58,6 +58,8 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
+from mask_geometry import to_numpy
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Every encoder stride (2 to 32) must divide the padded batch for the skips to line up.
@@ -321,10 +323,9 @@ def unet_losses(logits, maps, border_weight):
     return losses
 
 
-def to_numpy(array):
-    if torch.is_tensor(array):
-        return array.detach().float().cpu().numpy()
-    return np.asarray(array, dtype=np.float32)
+def probability_map(values):
+    """A float32 numpy array of a probability map, a tensor or an array."""
+    return to_numpy(values).astype(np.float32, copy=False)
 
 
 def watershed_instances(
@@ -332,7 +333,7 @@ def watershed_instances(
 ):
     """Instance labels [H, W] int32 (0 background, 1..N) from foreground and border probability
     maps [H, W] (numpy arrays or tensors); see the module docstring."""
-    foreground, border = to_numpy(foreground), to_numpy(border)
+    foreground, border = probability_map(foreground), probability_map(border)
     mask = foreground > foreground_thresh
     seeds, num_seeds = ndi.label(mask & (border <= border_thresh))
     seeds[small_labels(seeds, min_seed_area)[seeds]] = 0
@@ -358,12 +359,12 @@ def instances_from_maps(foreground, border, classes=None, **watershed_kwargs):
     instances = watershed_instances(foreground, border, **watershed_kwargs)
     count = int(instances.max())
     flat = instances.ravel()
-    probability = to_numpy(foreground).ravel()
+    probability = probability_map(foreground).ravel()
     area = np.bincount(flat, minlength=count + 1)[1:]
     scores = np.bincount(flat, probability, count + 1)[1:] / area
     labels = np.ones(count, dtype=np.int64)
     if classes is not None:
-        sums = [np.bincount(flat, c.ravel(), count + 1)[1:] for c in to_numpy(classes)]
+        sums = [np.bincount(flat, c.ravel(), count + 1)[1:] for c in probability_map(classes)]
         means = np.stack(sums, axis=1) / area[:, None]
         labels = means.argmax(1) + 1
         scores = scores * means.max(1)

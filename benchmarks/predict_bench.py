@@ -58,7 +58,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torchvision.models.detection.roi_heads import paste_masks_in_image
-from torchvision.models.detection.transform import resize_boxes
 from torchvision.transforms.v2 import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,9 +68,9 @@ import export  # noqa: E402
 import mask_crops  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
-from coco_results import MASK_THRESHOLD, masks_to_rles  # noqa: E402
+import rcnn_inference  # noqa: E402
 from coco_utils import load_image  # noqa: E402
-from tiling import crop_to_rle  # noqa: E402
+from mask_geometry import MASK_THRESHOLD, crop_to_rle, masks_to_rles  # noqa: E402
 
 MODEL = "maskrcnn_resnet50_fpn"
 NUM_CLASSES = 91
@@ -215,20 +214,20 @@ def staged(model, image, stages, crops, score_thresh):
     """Either path, stage by stage: torchvision's full-size paste and threshold, or
     mask_crops' crops and RLE (`crops`); returns detections as the paths do."""
     height, width = image.shape[-2:]
-    batch, _ = model.transform([to_float(image)])
+    batch, size = rcnn_inference.resize_and_pad(model.transform, to_float(image))
     stages("transform")
-    features = model.backbone(batch.tensors)
+    features = rcnn_inference.backbone_features(model.backbone, batch)
     stages("backbone")
-    proposals, _ = model.rpn(batch, features)
+    proposals = rcnn_inference.rpn_proposals(model.rpn, batch, size, features)
     stages("rpn")
     heads = model.roi_heads
-    boxes, scores, labels = mask_crops.box_detections(heads, features, proposals, batch.image_sizes)
+    boxes, scores, labels = rcnn_inference.box_detections(heads, features, proposals, size)
     keep = scores >= score_thresh
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     stages("box head")
-    masks = mask_crops.mask_probabilities(heads, features, boxes, labels, batch.image_sizes)
+    masks = rcnn_inference.mask_probabilities(heads, features, boxes, labels, size)
     stages("mask head")
-    boxes = resize_boxes(boxes, batch.image_sizes[0], [height, width])
+    boxes = rcnn_inference.scale_boxes(boxes, size, (height, width))
     detections = {"boxes": boxes, "labels": labels, "scores": scores}
     if crops:
         pieces = mask_crops.paste_crops(masks, boxes, height, width)

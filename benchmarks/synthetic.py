@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from coco_results import uncompressed_rle
+from mask_geometry import uncompressed_rle
 
 COCO_TRAIN2017_IMAGES = 118_287
 COCO_TRAIN2017_ANNOTATIONS = 860_001

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import mask_geometry  # noqa: E402
 import models  # noqa: E402
 import tiling  # noqa: E402
 import tta  # noqa: E402
@@ -172,7 +173,7 @@ def ground_truth(coco, cells, grid, cell_size):
                 (separate, k + 1, (0, 0), (height, width)),
                 (mosaics, mosaic_id + 1, (top, left), (grid * cell_height, grid * cell_width)),
             ):
-                rle = tiling.crop_to_rle(crop, y + dy, x + dx, h, w)
+                rle = mask_geometry.crop_to_rle(crop, y + dy, x + dx, h, w)
                 x0, y0, bw, bh = annotation["bbox"]
                 dataset["annotations"].append(
                     {

@@ -40,7 +40,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from coco_results import compressed_rle, uncompressed_rle  # noqa: E402
+from mask_geometry import compressed_rle, uncompressed_rle  # noqa: E402
 
 CATEGORIES = [
     {"id": 1, "name": "nucleus", "supercategory": "cell"},

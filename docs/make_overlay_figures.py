@@ -24,7 +24,8 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from error_analysis import classify  # noqa: E402
-from overlays import draw_errors, draw_instances, mask_boxes, neighbour_colours  # noqa: E402
+from mask_geometry import mask_boxes, mask_boxes_xyxy  # noqa: E402
+from overlays import draw_errors, draw_instances, neighbour_colours  # noqa: E402
 
 SIZE = 256
 
@@ -90,7 +91,7 @@ def torchvision_overlay(image, masks, captions):
     masks = torch.from_numpy(masks)
     colours = neighbour_colours(mask_boxes(masks.numpy()))
     pixels = draw_segmentation_masks(pixels, masks, alpha=0.45, colors=colours)
-    boxes = torch.from_numpy(mask_boxes(masks.numpy())[:, [1, 0, 3, 2]].astype(np.float32))
+    boxes = torch.from_numpy(mask_boxes_xyxy(masks.numpy()))
     drawn = draw_bounding_boxes(
         pixels,
         boxes,

@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 import coco_eval
 from coco_eval import CocoEvaluator
-from coco_results import uncompressed_rle
+from mask_geometry import uncompressed_rle
 
 BACKENDS = [
     pytest.param(

@@ -9,14 +9,12 @@ import torch
 from pycocotools import mask as mask_util
 
 from coco_results import (
-    compressed_rle,
-    masks_to_rles,
     prediction_records,
     to_coco_results,
     to_detections,
-    uncompressed_rle,
     xyxy_to_xywh,
 )
+from mask_geometry import compressed_rle, masks_to_rles, uncompressed_rle
 
 
 def per_mask_encode(masks):

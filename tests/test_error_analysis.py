@@ -8,10 +8,10 @@ from error_analysis import (
     KINDS,
     classify,
     format_summary,
-    pairwise_intersections,
     summarize,
     write_csv,
 )
+from mask_geometry import pairwise_intersections
 
 SIZE = 40
 

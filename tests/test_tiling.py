@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
 
+import mask_geometry
 import tiling
 from errors import ConfigError
 
@@ -176,12 +177,14 @@ def test_crop_rle_equals_pycocotools_encode_of_the_full_mask():
         full = np.zeros((height, width), dtype=np.uint8)
         full[top : top + rows, left : left + columns] = crop
         expected = mask_util.encode(np.asfortranarray(full))
-        rle = tiling.crop_to_rle(crop, top, left, height, width)
+        rle = mask_geometry.crop_to_rle(crop, top, left, height, width)
         assert rle["counts"] == expected["counts"] and list(rle["size"]) == [height, width]
         box = sorted(rng.integers(0, height + 1, 2)), sorted(rng.integers(0, width + 1, 2))
         (y0, y1), (x0, x1) = box
         if y0 < y1 and x0 < x1:
-            assert np.array_equal(tiling.rle_to_crop(expected, y0, x0, y1, x1), full[y0:y1, x0:x1])
+            assert np.array_equal(
+                mask_geometry.rle_to_crop(expected, y0, x0, y1, x1), full[y0:y1, x0:x1]
+            )
 
 
 @pytest.mark.parametrize("cx", [60, 66, 72, 80, 88, 94, 100])
