@@ -165,6 +165,24 @@ def stats_to_dict(stats):
     return {"stats": list(stats), **dict(zip(STAT_NAMES, stats, strict=True))}
 
 
+def precision_curves(accumulated):
+    """{category id: (precision at IoU 0.50, mean precision over the IoU thresholds)} of an
+    accumulated COCOeval, each at its params.recThrs, area "all" and the last maxDets.
+
+    Categories without ground truth (precision -1) are left out. The mean of a category's second
+    curve is its AP as coco_eval.per_category_ap gives it.
+    """
+    params = accumulated.params
+    precision = np.asarray(accumulated.eval["precision"])
+    precision = precision[:, :, :, list(params.areaRngLbl).index("all"), -1]
+    at_50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    return {
+        category_id: (precision[at_50, :, k], precision[:, :, k].mean(axis=0))
+        for k, category_id in enumerate(params.catIds)
+        if (precision[:, :, k] >= 0).all()
+    }
+
+
 def per_category_ap(coco_evals, categories):
     """Rows {"category": name, iou_type: AP, ...} over the evaluated categories, by category id.
 

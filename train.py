@@ -31,10 +31,12 @@ import traceback
 import numpy as np
 import torch
 
+import checkpointing
 import error_analysis
 import models
 import presets
 import recipes
+import tensorboard_log
 import utils
 from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
 from coco_utils import get_coco, label_to_category_id, split_paths
@@ -481,7 +483,7 @@ def resolve_resume(args):
 def load_checkpoint(path, args):
     """A checkpoint of this repo for args.model, or a one-line error saying what it is not."""
     try:
-        checkpoint = utils.read_checkpoint(path)
+        checkpoint = checkpointing.read_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {e.message}") from e
     saved_model = checkpoint["args"].get("model")
@@ -654,7 +656,7 @@ def report_errors(args, dataset_val, per_image):
 
 def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation):
     """The epochs: train, save, evaluate, log. Checkpoints are written at epoch ends, every
-    --checkpoint-every iterations and on SIGTERM/SIGUSR1 (see utils.Checkpointer); the best
+    --checkpoint-every iterations and on SIGTERM/SIGUSR1 (see checkpointing.Checkpointer); the best
     evaluated epoch is kept as model_best.pth, and --patience ends a run that stopped improving."""
     model_without_ddp = getattr(model, "module", model)
     optimizer = get_optimizer(args, model_without_ddp)
@@ -667,15 +669,15 @@ def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluat
             checkpoint, optimizer, lr_scheduler, scaler, iters_per_epoch
         )
         if "rng" in checkpoint:
-            utils.set_rng_states(checkpoint["rng"])
+            checkpointing.set_rng_states(checkpoint["rng"])
     training = {"model": model_without_ddp, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
     training["scaler"] = scaler
     metadata = checkpoint_metadata(args, data_loader.dataset, num_classes, iters_per_epoch)
     log_path = os.path.join(args.output_dir, "log.jsonl")
     best = best_so_far(args, log_path, start_epoch)
-    board = TrainingBoard(args, iters_per_epoch)
-    with utils.StopSignal() as stop, board:
-        checkpointer = utils.Checkpointer(
+    board = tensorboard_log.TrainingBoard(args, iters_per_epoch)
+    with checkpointing.StopSignal() as stop, board:
+        checkpointer = checkpointing.Checkpointer(
             args.output_dir, training, metadata, iters_per_epoch, stop,
             every=args.checkpoint_every, keep_last=args.keep_last,
         )  # fmt: skip
@@ -709,63 +711,11 @@ def best_so_far(args, log_path, start_epoch):
         for r in utils.read_jsonl(log_path)
         if "best" in r and r["epoch"] < start_epoch
     ]
-    return utils.BestMetric(metric, args.patience, history)
+    return checkpointing.BestMetric(metric, args.patience, history)
 
 
 def evaluates_at(args, epoch):
     return (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1
-
-
-class TrainingBoard:
-    """What a run writes to TensorBoard with --tensorboard, on the main process (a no-op
-    otherwise): per-iteration losses and learning rate, and per evaluation the COCO stats, the
-    DSB score, precision-recall curves and a few validation images beside their ground truth."""
-
-    SAMPLE_IMAGES = 4
-
-    def __init__(self, args, iters_per_epoch):
-        self.iters_per_epoch = iters_per_epoch
-        self.device = args.device
-        self.writer = self.epoch = None
-        if args.tensorboard and utils.is_main_process():
-            # TensorBoard and matplotlib load only for the runs that use them.
-            import tensorboard_log
-
-            self.tensorboard_log = tensorboard_log
-            self.writer = tensorboard_log.make_writer(args.output_dir)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.writer is not None:
-            self.writer.close()
-
-    def step_logger(self, epoch):
-        """engine.train_one_epoch's log_step for `epoch`, or None."""
-        if self.writer is None:
-            return None
-
-        def log_step(iteration, losses, lr):
-            step = epoch * self.iters_per_epoch + iteration
-            self.tensorboard_log.log_step(self.writer, step, losses, lr)
-
-        return log_step
-
-    def at_epoch(self, epoch):
-        self.epoch = epoch
-        return self
-
-    def log_evaluation(self, stats, evaluator, model, dataset_val):
-        if self.writer is None:
-            return
-        log = self.tensorboard_log
-        log.log_evaluation(self.writer, self.epoch, stats)
-        names = {i: c["name"] for i, c in dataset_val.coco.cats.items()}
-        log.log_pr_curves(self.writer, self.epoch, evaluator.coco_evals, names)
-        indices = range(min(self.SAMPLE_IMAGES, len(dataset_val)))
-        samples = log.predict_samples(model, dataset_val, indices, self.device)
-        log.log_predictions(self.writer, self.epoch, *samples)
 
 
 def checkpoint_metadata(args, dataset, num_classes, iters_per_epoch):
@@ -838,7 +788,7 @@ def run(args):
     --debug) and exit status 1; a stop signal exits 128 + its number after the checkpoint."""
     try:
         main(args)
-    except utils.TrainingStopped as e:
+    except checkpointing.TrainingStopped as e:
         utils.print_main(e, flush=True)
         utils.destroy_distributed()
         raise SystemExit(e.exit_code) from None
