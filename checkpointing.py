@@ -11,7 +11,7 @@ import signal
 import torch
 
 import utils
-from errors import CheckpointError
+from errors import CheckpointError, first_line
 
 
 def save_atomically(obj, path):
@@ -231,8 +231,7 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line})") from e
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first_line(e)})") from e
 
 
 def checked_checkpoint(checkpoint, path):

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from skimage.measure import regionprops
 
+import checkpointing
 import models
 import presets
 import unet
@@ -403,15 +404,27 @@ def model_entry(checkpoint):
 def load_members(maskrcnn_path, unet_path, device):
     """(Mask R-CNN, U-Net) in eval mode and their two checkpoints, checked to be what they
     should be and to share categories."""
-    maskrcnn, maskrcnn_ckpt = models.load_model(maskrcnn_path, device)
-    unet_model, unet_ckpt = models.load_model(unet_path, device)
+    maskrcnn_ckpt = read_member("--maskrcnn", maskrcnn_path)
+    unet_ckpt = read_member("--unet", unet_path)
     check_members(maskrcnn_ckpt, unet_ckpt, maskrcnn_path, unet_path)
-    return maskrcnn, unet_model, maskrcnn_ckpt, unet_ckpt
+    maskrcnn = models.model_from_checkpoint(maskrcnn_ckpt, maskrcnn_path)
+    unet_model = models.model_from_checkpoint(unet_ckpt, unet_path)
+    return maskrcnn.to(device).eval(), unet_model.to(device).eval(), maskrcnn_ckpt, unet_ckpt
+
+
+def read_member(flag, path):
+    """The train.py checkpoint `flag` names; any other file (an export, an ensemble file) is a
+    one-line error: the ensemble file keeps its members' weights and flags."""
+    try:
+        return checkpointing.read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag} {e.message}; give a checkpoint of train.py") from None
 
 
 def check_members(maskrcnn_ckpt, unet_ckpt, maskrcnn_path, unet_path):
-    maskrcnn_name, unet_name = maskrcnn_ckpt["args"]["model"], unet_ckpt["args"]["model"]
-    if "maskrcnn" not in maskrcnn_name:
+    maskrcnn_name = maskrcnn_ckpt["args"].get("model")
+    unet_name = unet_ckpt["args"].get("model")
+    if "maskrcnn" not in str(maskrcnn_name):
         raise ConfigError(
             f"--maskrcnn {maskrcnn_path}: a {maskrcnn_name} checkpoint, not Mask R-CNN"
         )
@@ -445,20 +458,12 @@ def save_ensemble(path, combiner_text, thresholds, maskrcnn_ckpt, unet_ckpt, fit
         "maskrcnn": model_entry(maskrcnn_ckpt),
         "unet": model_entry(unet_ckpt),
     }
-    tmp = f"{path}.tmp"
-    torch.save(record, tmp)
-    os.replace(tmp, path)
+    checkpointing.save_atomically(record, path)
 
 
 def read_ensemble_file(path):
     """The ensemble file's dict, or CheckpointError naming the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable ensemble file ({first_line})") from e
+    record = checkpointing.load_file(path)
     check_record(record, path)
     return record
 

@@ -37,6 +37,12 @@ class CheckpointError(CommandError):
     """A file that is not a checkpoint (or weights) this repo can use."""
 
 
+def first_line(error):
+    """The first line of an exception's message (its class name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _own_message(text, class_name):
     """The message itself, also when a DataLoader worker's re-raise wrapped it in a traceback."""
     if _WORKER_TRACEBACK not in text:

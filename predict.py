@@ -46,6 +46,7 @@ from torchvision.transforms.v2 import functional as F
 
 import engine
 import error_analysis
+import loading
 import mask_crops
 import models
 import overlays
@@ -282,14 +283,14 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tile is not None:
         check_tiling(args.tile, args.tile_overlap)
-    model, checkpoint = models.load_model(args.weights, device)
+    loaded = loading.load(args.weights, device)
+    model = loaded.model
     if not args.tta:  # flipped views are merged by mask, each view with all its detections
         models.raise_score_threshold(model, args.score_thresh)
     model = models.inference_model(args, model)
     if truth is not None and not models.predicts_masks(model):
         raise ConfigError(f"--ann: the error analysis needs a mask model, not {args.weights}")
-    names = checkpoint.get("category_names") or {}
-    offset = checkpoint.get("label_offset", 0)
+    names, offset = loaded.category_names, loaded.label_offset
     known_labels = [category_id + offset for category_id in names] if names else None
     os.makedirs(args.output, exist_ok=True)
     results, per_image = [], []
