@@ -11,7 +11,7 @@ import signal
 import torch
 
 import utils
-from errors import CheckpointError, first_line
+from errors import CheckpointError, TrainingStopped, first_line
 
 
 def save_atomically(obj, path):
@@ -73,14 +73,6 @@ def set_rng_states(states):
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class TrainingStopped(Exception):
-    """Training stopped on a signal after writing a checkpoint; the process exits `exit_code`."""
-
-    def __init__(self, exit_code):
-        super().__init__(f"stopped by a signal; exit code {exit_code}")
-        self.exit_code = exit_code
 
 
 class StopSignal:

@@ -29,7 +29,8 @@ from typing import NamedTuple
 import numpy as np
 
 from coco_results import to_coco_results, to_detections
-from errors import CommandError, ConfigError, DataError
+from commands import one_line_errors
+from errors import ConfigError, DataError
 
 IOU_TYPES = ("bbox", "segm")
 # pip package: (module with COCO, module with the COCOeval class, its name). All follow
@@ -420,11 +421,12 @@ def evaluate_files(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        all_stats = evaluate_files(args)
-    except (CommandError, ImportError, ValueError) as e:
-        print(f"coco_eval.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with one_line_errors("coco_eval.py"):
+        try:
+            all_stats = evaluate_files(args)
+        except (ImportError, ValueError) as e:
+            # An --eval-backend that is not installed, or numbers COCOeval refuses.
+            raise ConfigError(str(e)) from None
     if args.out:
         with open(args.out, "w") as f:
             json.dump({t: stats_to_dict(s) for t, s in all_stats.items()}, f, indent=2)

@@ -67,7 +67,8 @@ from torchvision.ops import roi_align
 
 import loading
 import unet
-from errors import ConfigError, one_line_errors
+from commands import one_line_errors
+from errors import ConfigError
 from exported import METADATA_KEY
 
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")

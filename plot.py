@@ -27,7 +27,8 @@ from matplotlib.lines import Line2D
 
 import coco_eval
 from coco_eval import precision_curves
-from errors import ConfigError, DataError, one_line_errors
+from commands import one_line_errors
+from errors import ConfigError, DataError
 
 IOU_TYPES = ("bbox", "segm")
 PANEL_SIZE = (4.0, 3.0)  # inches

@@ -50,6 +50,7 @@ import loading
 import mask_crops
 import models
 import overlays
+import utils
 from coco_results import MASK_THRESHOLD, prediction_records
 from coco_utils import (
     image_path,
@@ -57,7 +58,8 @@ from coco_utils import (
     read_annotation_file,
     segmentation_to_mask,
 )
-from errors import ConfigError, DataError, one_line_errors
+from commands import add_device_arg, one_line_errors
+from errors import ConfigError, DataError
 from progress import progress
 from tiling import TiledModel, check_tiling, rle_to_crop
 
@@ -68,7 +70,12 @@ OVERLAY_BYTES = 2**30
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint written by train.py")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="model file: checkpoint of train.py, ensemble file of ensemble.py fit, or ONNX "
+        "(.onnx) or torch.export (.pt2) file of export.py",
+    )
     parser.add_argument("--input", required=True, help="an image, or a folder of images")
     parser.add_argument("--output", required=True, help="folder for overlays, labels, results")
     parser.add_argument(
@@ -83,7 +90,7 @@ def get_args_parser():
         choices=overlays.TEXT_MODES,
         help="captions on the overlay: auto (only where they cover no other instance), on, off",
     )
-    parser.add_argument("--device", help="cuda when available, else cpu")
+    add_device_arg(parser)
     parser.add_argument(
         "--ann",
         help="COCO annotation file of the input images (matched by file name): adds an error "
@@ -280,7 +287,7 @@ def write_error_summary(output, file_names, per_image):
 def run(args):
     inputs = list_images(args.input)
     truth = GroundTruth(args.ann) if args.ann else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(utils.device_or_default(args.device))
     if args.tile is not None:
         check_tiling(args.tile, args.tile_overlap)
     loaded = loading.load(args.weights, device)

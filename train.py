@@ -24,9 +24,7 @@ import functools
 import gc
 import os
 import random
-import sys
 import tempfile
-import traceback
 
 import numpy as np
 import torch
@@ -40,8 +38,9 @@ import tensorboard_log
 import utils
 from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
 from coco_utils import get_coco, label_to_category_id, split_paths
+from commands import add_debug_arg, add_device_arg, one_line_errors
 from engine import NonFiniteLossError, cpu_emulates_bfloat16, evaluate, train_one_epoch
-from errors import CheckpointError, CommandError, ConfigError, DataError
+from errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
 from instance_metrics import dsb_image_score, evaluated_instances
 from tiling import check_tiling
@@ -149,7 +148,7 @@ def add_optimization_args(parser):
 def add_runtime_args(parser):
     runtime = parser.add_argument_group("runtime")
     recipes.add_config_arg(runtime)
-    runtime.add_argument("--device", help="cuda when available, else cpu")
+    add_device_arg(runtime)
     runtime.add_argument("--output-dir", default=".", help="checkpoints and log.jsonl go here")
     runtime.add_argument(
         "--resume",
@@ -172,9 +171,7 @@ def add_runtime_args(parser):
     runtime.add_argument(
         "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
     )
-    runtime.add_argument(
-        "--debug", action="store_true", help="print the traceback behind an error message"
-    )
+    add_debug_arg(runtime)
     runtime.add_argument(
         "--tensorboard",
         action="store_true",
@@ -541,8 +538,7 @@ def setup(args):
     """Checks the flags, joins the process group, prints the run's settings; returns the device."""
     check_args(args)
     cpu_fallback = args.device is None and not torch.cuda.is_available()
-    if args.device is None:
-        args.device = "cpu" if cpu_fallback else "cuda"
+    args.device = utils.device_or_default(args.device)
     if args.sync_bn and not args.device.startswith("cuda"):
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     check_output_dir(args.output_dir)
@@ -778,35 +774,23 @@ def main(args):
                 config = os.path.join(args.output_dir, "config.toml")
                 recipes.write_config(args, config, get_args_parser())
             train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
+    except TrainingStopped as e:
+        utils.print_main(e, flush=True)
+        utils.destroy_distributed()
+        raise
     finally:
         gc.unfreeze()
     utils.destroy_distributed()
 
 
-def run(args):
-    """main(args) as a command: errors become one line on stderr (with the traceback under
-    --debug) and exit status 1; a stop signal exits 128 + its number after the checkpoint."""
-    try:
-        main(args)
-    except checkpointing.TrainingStopped as e:
-        utils.print_main(e, flush=True)
-        utils.destroy_distributed()
-        raise SystemExit(e.exit_code) from None
-    except CommandError as e:
-        if args.debug:
-            traceback.print_exception(e)
-        print(f"error: {e.message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
 def cli(argv=None):
-    """The command: flags from argv over those of a --config recipe, then run()."""
-    try:
+    """train.py as a command: flags from argv over those of a --config recipe, then main();
+    errors become one line (after the traceback with --debug), a stop signal exits 128 + its
+    number after the checkpoint."""
+    with one_line_errors("train.py"):
         args = recipes.parse_args(get_args_parser(), argv)
-    except CommandError as e:
-        print(f"error: {e.message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    run(args)
+    with one_line_errors("train.py", debug=args.debug):
+        main(args)
 
 
 if __name__ == "__main__":

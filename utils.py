@@ -177,6 +177,13 @@ def _dist_device():
     return torch.device("cpu")
 
 
+def device_or_default(name):
+    """`name`, or cuda when a CUDA device is available, else cpu: every command's --device."""
+    if name is not None:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def launcher_environment(local_rank_arg=None):
     """Rank, world size and local rank from torchrun/torch.distributed.launch or SLURM, or None.
 

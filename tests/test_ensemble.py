@@ -229,7 +229,8 @@ def test_not_an_ensemble_file_is_a_one_line_error(tmp_path, capsys, content):
     else:
         weights.write_text("not a checkpoint")
     val = write_coco(tmp_path / "val.json")
-    argv = ["evaluate", "--weights", str(weights), "--ann", str(val), "--images", str(tmp_path)]
+    argv = ["evaluate", "--weights", str(weights), "--val-ann", str(val)]
+    argv += ["--val-images", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         ensemble.main(argv)
     assert exit_info.value.code == 2
@@ -277,8 +278,8 @@ def test_a_maskrcnn_that_is_no_mask_rcnn_checkpoint_is_a_one_line_error(tmp_path
         maskrcnn = tmp_path / "maskrcnn.onnx"
         write_onnx_with_metadata(maskrcnn)
     fit_ann = write_coco(tmp_path / "fit.json")
-    argv = ["fit", "--maskrcnn", str(maskrcnn), "--unet", str(unet_path), "--ann", str(fit_ann),
-            "--images", str(tmp_path), "--output", str(tmp_path / "ensemble.pth")]  # fmt: skip
+    argv = ["fit", "--maskrcnn", str(maskrcnn), "--unet", str(unet_path), "--val-ann", str(fit_ann),
+            "--val-images", str(tmp_path), "--output", str(tmp_path / "ensemble.pth")]  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         ensemble.main(argv)
     assert exit_info.value.code == 2
