@@ -29,7 +29,8 @@ from typing import NamedTuple
 import numpy as np
 
 from coco_results import to_coco_results, to_detections
-from errors import CommandError, ConfigError, DataError
+from commands import one_line_errors
+from errors import ConfigError, DataError
 
 IOU_TYPES = ("bbox", "segm")
 # pip package: (module with COCO, module with the COCOeval class, its name). All follow
@@ -163,6 +164,24 @@ def _mean_of_valid(values):
 def stats_to_dict(stats):
     """{"stats": [...], "AP": ..., ...}: the 12 numbers in order and by name."""
     return {"stats": list(stats), **dict(zip(STAT_NAMES, stats, strict=True))}
+
+
+def precision_curves(accumulated):
+    """{category id: (precision at IoU 0.50, mean precision over the IoU thresholds)} of an
+    accumulated COCOeval, each at its params.recThrs, area "all" and the last maxDets.
+
+    Categories without ground truth (precision -1) are left out. The mean of a category's second
+    curve is its AP as coco_eval.per_category_ap gives it.
+    """
+    params = accumulated.params
+    precision = np.asarray(accumulated.eval["precision"])
+    precision = precision[:, :, :, list(params.areaRngLbl).index("all"), -1]
+    at_50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    return {
+        category_id: (precision[at_50, :, k], precision[:, :, k].mean(axis=0))
+        for k, category_id in enumerate(params.catIds)
+        if (precision[:, :, k] >= 0).all()
+    }
 
 
 def per_category_ap(coco_evals, categories):
@@ -402,11 +421,12 @@ def evaluate_files(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
-        all_stats = evaluate_files(args)
-    except (CommandError, ImportError, ValueError) as e:
-        print(f"coco_eval.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with one_line_errors("coco_eval.py"):
+        try:
+            all_stats = evaluate_files(args)
+        except (ImportError, ValueError) as e:
+            # An --eval-backend that is not installed, or numbers COCOeval refuses.
+            raise ConfigError(str(e)) from None
     if args.out:
         with open(args.out, "w") as f:
             json.dump({t: stats_to_dict(s) for t, s in all_stats.items()}, f, indent=2)

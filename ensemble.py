@@ -8,11 +8,11 @@ non-overlapping instances, the ensemble file, and the `fit` and `evaluate` comma
 
     python ensemble.py fit --maskrcnn output/nuclei_maskrcnn/checkpoint.pth \\
         --unet output/nuclei_unet/checkpoint.pth \\
-        --ann datasets/nuclei/annotations/instances_fit2017.json \\
-        --images datasets/nuclei/fit2017 --output output/ensemble.pth
+        --val-ann datasets/nuclei/annotations/instances_fit2017.json \\
+        --val-images datasets/nuclei/fit2017 --output output/ensemble.pth
     python ensemble.py evaluate --weights output/ensemble.pth \\
-        --ann datasets/nuclei/annotations/instances_val2017.json \\
-        --images datasets/nuclei/val2017 --mode maskrcnn unet baseline learned
+        --val-ann datasets/nuclei/annotations/instances_val2017.json \\
+        --val-images datasets/nuclei/val2017 --mode maskrcnn unet baseline learned
 
 `--mode` of evaluate, one or several: `learned` (the combiner), `baseline` (no learning),
 `maskrcnn` or `unet` (one model alone), so all four run through the same loader, evaluator and
@@ -73,14 +73,16 @@ import numpy as np
 import torch
 from skimage.measure import regionprops
 
+import checkpointing
 import models
 import presets
 import unet
 import utils
 from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_to_category_id
+from commands import add_device_arg, one_line_errors
 from engine import evaluate, images_to_device
-from errors import CheckpointError, ConfigError, one_line_errors
+from errors import CheckpointError, ConfigError
 from instance_metrics import evaluated_dsb_score, match_one_to_one
 from mask_geometry import (
     MASK_THRESHOLD,
@@ -401,15 +403,27 @@ def model_entry(checkpoint):
 def load_members(maskrcnn_path, unet_path, device):
     """(Mask R-CNN, U-Net) in eval mode and their two checkpoints, checked to be what they
     should be and to share categories."""
-    maskrcnn, maskrcnn_ckpt = models.load_model(maskrcnn_path, device)
-    unet_model, unet_ckpt = models.load_model(unet_path, device)
+    maskrcnn_ckpt = read_member("--maskrcnn", maskrcnn_path)
+    unet_ckpt = read_member("--unet", unet_path)
     check_members(maskrcnn_ckpt, unet_ckpt, maskrcnn_path, unet_path)
-    return maskrcnn, unet_model, maskrcnn_ckpt, unet_ckpt
+    maskrcnn = models.model_from_checkpoint(maskrcnn_ckpt, maskrcnn_path)
+    unet_model = models.model_from_checkpoint(unet_ckpt, unet_path)
+    return maskrcnn.to(device).eval(), unet_model.to(device).eval(), maskrcnn_ckpt, unet_ckpt
+
+
+def read_member(flag, path):
+    """The train.py checkpoint `flag` names; any other file (an export, an ensemble file) is a
+    one-line error: the ensemble file keeps its members' weights and flags."""
+    try:
+        return checkpointing.read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag} {e.message}; give a checkpoint of train.py") from None
 
 
 def check_members(maskrcnn_ckpt, unet_ckpt, maskrcnn_path, unet_path):
-    maskrcnn_name, unet_name = maskrcnn_ckpt["args"]["model"], unet_ckpt["args"]["model"]
-    if "maskrcnn" not in maskrcnn_name:
+    maskrcnn_name = maskrcnn_ckpt["args"].get("model")
+    unet_name = unet_ckpt["args"].get("model")
+    if "maskrcnn" not in str(maskrcnn_name):
         raise ConfigError(
             f"--maskrcnn {maskrcnn_path}: a {maskrcnn_name} checkpoint, not Mask R-CNN"
         )
@@ -443,20 +457,12 @@ def save_ensemble(path, combiner_text, thresholds, maskrcnn_ckpt, unet_ckpt, fit
         "maskrcnn": model_entry(maskrcnn_ckpt),
         "unet": model_entry(unet_ckpt),
     }
-    tmp = f"{path}.tmp"
-    torch.save(record, tmp)
-    os.replace(tmp, path)
+    checkpointing.save_atomically(record, path)
 
 
 def read_ensemble_file(path):
     """The ensemble file's dict, or CheckpointError naming the file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable ensemble file ({first_line})") from e
+    record = checkpointing.load_file(path)
     check_record(record, path)
     return record
 
@@ -525,27 +531,27 @@ def check_held_out(ann, *checkpoints):
     for checkpoint in checkpoints:
         if os.path.abspath(ann) == training_ann(checkpoint):
             raise ConfigError(
-                f"--ann {ann}: {checkpoint['args']['model']} was trained on this split; "
+                f"--val-ann {ann}: {checkpoint['args']['model']} was trained on this split; "
                 "fit on a held-out one (make_demo.py --style nuclei writes fit2017)"
             )
 
 
 def fit(args):
-    device = torch.device(args.device)
+    device = torch.device(utils.device_or_default(args.device))
     thresholds = {**DEFAULT_THRESHOLDS, **threshold_overrides(args)}
-    if not os.path.isfile(args.ann):
-        raise ConfigError(f"--ann {args.ann}: no such file")
+    if not os.path.isfile(args.val_ann):
+        raise ConfigError(f"--val-ann {args.val_ann}: no such file")
     maskrcnn, unet_model, maskrcnn_ckpt, unet_ckpt = load_members(args.maskrcnn, args.unet, device)
-    check_held_out(args.ann, maskrcnn_ckpt, unet_ckpt)
-    loader = eval_loader(args.ann, args.images, maskrcnn_ckpt.get("label_offset"))
+    check_held_out(args.val_ann, maskrcnn_ckpt, unet_ckpt)
+    loader = eval_loader(args.val_ann, args.val_images, maskrcnn_ckpt.get("label_offset"))
     model = EnsembleModel(maskrcnn, unet_model, thresholds=thresholds, mode="baseline").eval()
     features, targets = extract_training_rows(model, loader, device)
     if len(features) == 0:
-        raise ConfigError(f"--ann {args.ann}: the models found no candidates to fit on")
+        raise ConfigError(f"--val-ann {args.val_ann}: the models found no candidates to fit on")
     combiner_text = fit_combiner(features, targets)
     fit_info = {
-        "ann": os.path.abspath(args.ann),
-        "sha256": file_sha256(args.ann),
+        "ann": os.path.abspath(args.val_ann),
+        "sha256": file_sha256(args.val_ann),
         "images": len(loader.dataset),
         "candidates": len(features),
     }
@@ -560,20 +566,20 @@ def check_not_fit_split(fit_info, ann):
     """Refuses to report on the split the combiner was fitted on."""
     if os.path.abspath(ann) == fit_info["ann"] or file_sha256(ann) == fit_info["sha256"]:
         raise ConfigError(
-            f"--ann {ann}: the combiner was fitted on this split ({fit_info['ann']}); "
+            f"--val-ann {ann}: the combiner was fitted on this split ({fit_info['ann']}); "
             "evaluate on one that fitted nothing"
         )
 
 
 def run_evaluation(args):
     """segm AP, AP50, AP75 and the DSB2018 score of each mode of args.mode on a split."""
-    device = torch.device(args.device)
-    if not os.path.isfile(args.ann):
-        raise ConfigError(f"--ann {args.ann}: no such file")
+    device = torch.device(utils.device_or_default(args.device))
+    if not os.path.isfile(args.val_ann):
+        raise ConfigError(f"--val-ann {args.val_ann}: no such file")
     record = read_ensemble_file(args.weights)
-    check_not_fit_split(record["fit"], args.ann)
+    check_not_fit_split(record["fit"], args.val_ann)
     model, info = ensemble_from_checkpoint(record, args.weights, device, args.mode[0])
-    loader = eval_loader(args.ann, args.images, info["label_offset"])
+    loader = eval_loader(args.val_ann, args.val_images, info["label_offset"])
     model.cache = {} if len(args.mode) > 1 else None
     results = [evaluate_mode(model, mode, loader, device, info) for mode in args.mode]
     for metrics in results:
@@ -629,9 +635,9 @@ def get_args_parser():
     fit_parser.add_argument("--maskrcnn", required=True, help="Mask R-CNN checkpoint of train.py")
     fit_parser.add_argument("--unet", required=True, help="U-Net checkpoint of train.py")
     fit_parser.add_argument(
-        "--ann", required=True, help="annotation file of a split that trained neither model"
+        "--val-ann", required=True, help="annotation file of a split that trained neither model"
     )
-    fit_parser.add_argument("--images", required=True, help="folder of that split's images")
+    fit_parser.add_argument("--val-images", required=True, help="folder of that split's images")
     fit_parser.add_argument("--output", required=True, help="ensemble file to write")
     for name, help_text in (
         ("--min-score", "lowest Mask R-CNN score of a candidate"),
@@ -642,13 +648,13 @@ def get_args_parser():
         fit_parser.add_argument(name, type=float, help=f"{help_text} ({default})")
     eval_parser = commands.add_parser("evaluate", help="segm AP and DSB score on a split")
     eval_parser.add_argument("--weights", required=True, help="ensemble file of ensemble.py fit")
-    eval_parser.add_argument("--ann", required=True, help="annotation file to report on")
-    eval_parser.add_argument("--images", required=True, help="folder of that split's images")
+    eval_parser.add_argument("--val-ann", required=True, help="annotation file to report on")
+    eval_parser.add_argument("--val-images", required=True, help="folder of that split's images")
     eval_parser.add_argument("--output-dir", help="write metrics_<mode>.json here")
     what = "what to evaluate, one or several (the models then run once): learned"
     eval_parser.add_argument("--mode", nargs="+", choices=MODES, default=["learned"], help=what)
     for sub in (fit_parser, eval_parser):
-        sub.add_argument("--device", default="cpu", help="device to run the models on (cpu)")
+        add_device_arg(sub)
     return parser
 
 

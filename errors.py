@@ -1,13 +1,10 @@
-"""The errors a command reports as one line: bad configuration, bad data, bad checkpoint.
+"""The errors a command reports as one line: bad configuration, bad data, bad checkpoint; and
+TrainingStopped, the end of a run that a signal stopped after its checkpoint.
 
 Library code raises them with a message that names the file, flag or item and what is wrong;
-each command (train.py, predict.py, coco_eval.py, ...) turns them into that line and its exit
-status in one place (`one_line_errors`). Imports only the standard library, so light commands
-stay light.
+every command turns them into that line and its exit status in one place
+(commands.one_line_errors). Imports only the standard library, so light commands stay light.
 """
-
-import contextlib
-import sys
 
 # What a DataLoader worker's exception becomes in the main process: torch re-raises it as the
 # same class, built from the worker's formatted traceback, whose last line is "<class>: message".
@@ -37,20 +34,23 @@ class CheckpointError(CommandError):
     """A file that is not a checkpoint (or weights) this repo can use."""
 
 
+class TrainingStopped(Exception):
+    """Training stopped on a signal after writing a checkpoint; the process exits `exit_code`."""
+
+    def __init__(self, exit_code):
+        super().__init__(f"stopped by a signal; exit code {exit_code}")
+        self.exit_code = exit_code
+
+
+def first_line(error):
+    """The first line of an exception's message (its class name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _own_message(text, class_name):
     """The message itself, also when a DataLoader worker's re-raise wrapped it in a traceback."""
     if _WORKER_TRACEBACK not in text:
         return text
     last_line = text.strip().splitlines()[-1]
     return last_line.split(f"{class_name}: ", 1)[-1]
-
-
-@contextlib.contextmanager
-def one_line_errors(command, status=2):
-    """Turns a CommandError raised inside into `<command>: error: <message>` on stderr and exit
-    status `status`: the one place a command reports bad input."""
-    try:
-        yield
-    except CommandError as e:
-        print(f"{command}: error: {e.message}", file=sys.stderr, flush=True)
-        raise SystemExit(status) from None

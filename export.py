@@ -29,7 +29,7 @@ not tensor operations), so it returns the maps at the input size and the watersh
 thresholds saved in the file, turns them into detections; `--outputs detections` for a U-Net is
 an error that says so.
 
-Running a file. `export.OnnxModel(path)` (onnxruntime) and `export.ExportedModel(path)`
+Running a file. `exported.OnnxModel(path)` (onnxruntime) and `exported.ExportedModel(path)`
 (torch.export.load) are callables with the detection interface: a list of [3, H, W] images in,
 a list of dicts with boxes, labels, scores and masks out, the watershed of U-Net files included.
 Their `category_names` and `label_offset` are the checkpoint's, saved as JSON in the file (the
@@ -59,12 +59,13 @@ import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-import models
+import loading
 import unet
-from errors import CheckpointError, ConfigError, one_line_errors
+from commands import one_line_errors
+from errors import ConfigError
+from exported import METADATA_KEY
 from rcnn_inference import detect, paste_masks, resize_and_pad
 
-METADATA_KEY = "instance_segmentation"
 DETECTION_OUTPUTS = ("boxes", "labels", "scores", "masks")
 MAP_OUTPUTS = ("foreground", "border", "classes")
 # The image sides an exported file accepts; torch.export needs bounds.
@@ -91,9 +92,10 @@ def run(args):
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         raise ConfigError(f"--output {args.output}: no such folder {folder}")
-    model, checkpoint = models.load_model(args.weights)
+    loaded = loading.load(args.weights)
+    model = loaded.model
     outputs = output_names(model, args.outputs)
-    metadata = file_metadata(model, outputs, checkpoint)
+    metadata = file_metadata(model, outputs, vars(loaded))
     program = exported_program(model)
     if args.format == "onnx":
         save_onnx(program, args.output, metadata)
@@ -118,7 +120,7 @@ def output_names(model, requested=None):
             raise ConfigError(
                 "--outputs detections: a U-Net's instances come from a seeded watershed "
                 "(scipy, scikit-image) that neither ONNX nor torch.export can hold; export "
-                "--outputs maps and run unet.instances_from_maps on them (export.OnnxModel does)"
+                "--outputs maps and run unet.instances_from_maps on them (exported.OnnxModel does)"
             )
         return MAP_OUTPUTS if model.class_head is not None else MAP_OUTPUTS[:2]
     if isinstance(model, MaskRCNN):
@@ -211,94 +213,6 @@ class UNetMaps(nn.Module):
         batch, (height, width) = resize_and_pad(self.model.transform, image)
         logits = self.model.network(batch)[0, :, :height, :width].float()
         return tuple(unet.image_maps(logits, image.shape[-2:]).values())
-
-
-class ExportedFile:
-    """The detection interface over an exported file's outputs: `model(images)` takes a list of
-    float [3, H, W] images in [0, 1] and returns per image a dict with boxes, labels, scores and
-    masks, as the eager model does; a U-Net file's maps go through the watershed here.
-
-    `metadata` is the JSON saved at export; `category_names` ({category id: name}) and
-    `label_offset` are the checkpoint's ({} and 0 for a model exported without one).
-    """
-
-    def __init__(self, path, metadata):
-        self.path = path
-        self.metadata = metadata
-        self.predicts_masks = "masks" in metadata["outputs"] or "foreground" in metadata["outputs"]
-        self.category_names = {int(k): v for k, v in metadata["category_names"].items()}
-        self.label_offset = metadata["label_offset"]
-
-    def __call__(self, images):
-        return [self.detections(self.run(image)) for image in images]
-
-    def run(self, image):
-        """The file's outputs on one image, by name."""
-        raise NotImplementedError
-
-    def detections(self, outputs):
-        if "foreground" in outputs:
-            return unet.instances_from_maps(**outputs, **self.metadata["watershed"])
-        return outputs
-
-
-def first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def read_metadata(text, path):
-    if text is None:
-        raise CheckpointError(f"{path}: holds no {METADATA_KEY} metadata (not from export.py)")
-    return json.loads(text)
-
-
-class OnnxModel(ExportedFile):
-    """An ONNX file of export.py, run by onnxruntime on `providers` (the CPU's by default)."""
-
-    def __init__(self, path, providers=None):
-        import onnxruntime
-
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such file")
-        try:
-            self.session = onnxruntime.InferenceSession(
-                path, providers=providers or ["CPUExecutionProvider"]
-            )
-        except Exception as e:
-            raise CheckpointError(f"{path}: not an ONNX model ({first_line(e)})") from None
-        text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        super().__init__(path, read_metadata(text, path))
-        self.output_names = [output.name for output in self.session.get_outputs()]
-
-    def run(self, image):
-        arrays = self.session.run(None, {"image": image.detach().float().cpu().numpy()})
-        return {
-            name: torch.from_numpy(array).to(image.device)
-            for name, array in zip(self.output_names, arrays, strict=True)
-        }
-
-
-class ExportedModel(ExportedFile):
-    """A torch.export file (.pt2) of export.py, run on the CPU."""
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such file")
-        extra_files = {f"{METADATA_KEY}.json": None}
-        try:
-            self.module = torch.export.load(path, extra_files=extra_files).module()
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a torch.export file ({first_line(e)})") from None
-        super().__init__(path, read_metadata(extra_files[f"{METADATA_KEY}.json"], path))
-
-    @torch.no_grad()
-    def run(self, image):
-        outputs = self.module(image.detach().float().cpu())
-        return {
-            name: output.to(image.device)
-            for name, output in zip(self.metadata["outputs"], outputs, strict=True)
-        }
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Models by name or from a checkpoint: the one place train.py, predict.py, ensemble.py and
-export.py get a model from.
+"""Models by name: the one place train.py gets a model from, and where a checkpoint's model is
+rebuilt.
 
 `get_model(args, num_classes)` builds `args.model` (a torchvision detection model, or a U-Net of
 unet.py) with the model flags of `add_model_args`, loading `--weights` and re-initialising the
-class-dependent layers when the class count differs. `load_model(path)` rebuilds the model a
-checkpoint of train.py was trained as, with its weights.
+class-dependent layers when the class count differs. `model_from_checkpoint(checkpoint, path)`
+rebuilds the model a checkpoint of train.py was trained as, with its weights; loading.py reads
+model files of every kind.
 """
 
 import argparse
@@ -22,9 +23,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+import checkpointing
 import unet
 import utils
-from coco_utils import num_classes_of
 from errors import CheckpointError, ConfigError
 from tiling import TiledModel
 from tta import TTA
@@ -382,9 +383,9 @@ def has_frozen_batch_norm(state):
 def read_state_dict(path):
     """The state dict of a weights file: a plain state dict or a checkpoint's 'model' entry."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--weights {path}: not a loadable checkpoint ({e})") from None
+        state = checkpointing.load_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--weights {e.message}") from None
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"--weights {path}: holds no state dict (or 'model' entry)")
@@ -472,30 +473,3 @@ def model_from_checkpoint(checkpoint, path):
         first = " ".join(str(e).strip().splitlines())
         raise CheckpointError(f"{path}: weights do not fit {args.model} ({first})") from None
     return model
-
-
-def load_model(path, device="cpu"):
-    """(model in eval mode on `device`, checkpoint) for a checkpoint of train.py, an ensemble
-    file of ensemble.py, or an ONNX (.onnx) or torch.export (.pt2) file of export.py; the
-    checkpoint of the last three is a dict with category_names, label_offset and num_classes."""
-    # The ensemble and the exporters (onnxruntime) load only for their own files.
-    if path.endswith((".onnx", ".pt2")):
-        import export
-
-        model = export.OnnxModel(path) if path.endswith(".onnx") else export.ExportedModel(path)
-        return model, exported_checkpoint(model)
-    record = utils.load_file(path)
-    if isinstance(record, dict) and record.get("kind") == "ensemble":
-        import ensemble
-
-        return ensemble.ensemble_from_checkpoint(record, path, device)
-    checkpoint = utils.checked_checkpoint(record, path)
-    model = model_from_checkpoint(checkpoint, path)
-    return model.to(device).eval(), checkpoint
-
-
-def exported_checkpoint(model):
-    """What predict.py reads of a checkpoint, for an exported file."""
-    names = model.category_names
-    num_classes = num_classes_of(names, model.label_offset)
-    return {"category_names": names, "label_offset": model.label_offset, "num_classes": num_classes}

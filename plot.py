@@ -22,12 +22,13 @@ import math
 import os
 from collections import Counter
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 import coco_eval
-from errors import ConfigError, DataError, one_line_errors
+from coco_eval import precision_curves
+from commands import one_line_errors
+from errors import ConfigError, DataError
 
 IOU_TYPES = ("bbox", "segm")
 PANEL_SIZE = (4.0, 3.0)  # inches
@@ -190,24 +191,6 @@ def _stat(iou_type, index):
         return stats[index] if stats is not None and stats[index] >= 0 else None
 
     return value_of
-
-
-def precision_curves(accumulated):
-    """{category id: (precision at IoU 0.50, mean precision over the IoU thresholds)} of an
-    accumulated COCOeval, each at its params.recThrs, area "all" and the last maxDets.
-
-    Categories without ground truth (precision -1) are left out. The mean of a category's second
-    curve is its AP as coco_eval.per_category_ap gives it.
-    """
-    params = accumulated.params
-    precision = np.asarray(accumulated.eval["precision"])
-    precision = precision[:, :, :, list(params.areaRngLbl).index("all"), -1]
-    at_50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    return {
-        category_id: (precision[at_50, :, k], precision[:, :, k].mean(axis=0))
-        for k, category_id in enumerate(params.catIds)
-        if (precision[:, :, k] >= 0).all()
-    }
 
 
 def evaluate_run(run_dir, dataset, coco_gt, backend):

@@ -46,9 +46,11 @@ from torchvision.transforms.v2 import functional as F
 
 import engine
 import error_analysis
+import loading
 import mask_crops
 import models
 import overlays
+import utils
 from coco_results import prediction_records
 from coco_utils import (
     image_path,
@@ -56,7 +58,8 @@ from coco_utils import (
     read_annotation_file,
     segmentation_to_mask,
 )
-from errors import ConfigError, DataError, one_line_errors
+from commands import add_device_arg, one_line_errors
+from errors import ConfigError, DataError
 from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD, rle_to_crop
 from progress import progress
 from tiling import TiledModel, check_tiling
@@ -68,7 +71,12 @@ OVERLAY_BYTES = 2**30
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", required=True, help="checkpoint written by train.py")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="model file: checkpoint of train.py, ensemble file of ensemble.py fit, or ONNX "
+        "(.onnx) or torch.export (.pt2) file of export.py",
+    )
     parser.add_argument("--input", required=True, help="an image, or a folder of images")
     parser.add_argument("--output", required=True, help="folder for overlays, labels, results")
     parser.add_argument(
@@ -86,7 +94,7 @@ def get_args_parser():
         choices=overlays.TEXT_MODES,
         help="captions on the overlay: auto (only where they cover no other instance), on, off",
     )
-    parser.add_argument("--device", help="cuda when available, else cpu")
+    add_device_arg(parser)
     parser.add_argument(
         "--ann",
         help="COCO annotation file of the input images (matched by file name): adds an error "
@@ -283,17 +291,17 @@ def write_error_summary(output, file_names, per_image):
 def run(args):
     inputs = list_images(args.input)
     truth = GroundTruth(args.ann) if args.ann else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(utils.device_or_default(args.device))
     if args.tile is not None:
         check_tiling(args.tile, args.tile_overlap)
-    model, checkpoint = models.load_model(args.weights, device)
+    loaded = loading.load(args.weights, device)
+    model = loaded.model
     if not args.tta:  # flipped views are merged by mask, each view with all its detections
         models.raise_score_threshold(model, args.score_thresh)
     model = models.inference_model(args, model)
     if truth is not None and not models.predicts_masks(model):
         raise ConfigError(f"--ann: the error analysis needs a mask model, not {args.weights}")
-    names = checkpoint.get("category_names") or {}
-    offset = checkpoint.get("label_offset", 0)
+    names, offset = loaded.category_names, loaded.label_offset
     known_labels = [category_id + offset for category_id in names] if names else None
     os.makedirs(args.output, exist_ok=True)
     results, per_image = [], []

@@ -19,21 +19,21 @@ those points: the tab's "threshold" column shows the recall point and its TP/FP/
 zero. The curves are COCO's interpolated precision at area "all" and the last maxDets, as in
 `python plot.py RUN_DIR --pr`.
 
-Every function writes; calling them on the main process only is the caller's job.
+Every function writes; calling them on the main process only is the caller's job. TrainingBoard
+is what train.py calls: it writes on the main process only, and nothing without --tensorboard.
 """
 
 import os
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.transforms.v2 import functional as F
 
-from coco_eval import STAT_NAMES
+import utils
+from coco_eval import STAT_NAMES, precision_curves
 from engine import images_to_device
 from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD
 from overlays import boxes_to_masks, draw_instances
-from plot import precision_curves
 
 GAP = 8  # white pixels between ground truth and prediction
 
@@ -41,6 +41,9 @@ GAP = 8  # white pixels between ground truth and prediction
 def make_writer(output_dir):
     """A writer whose event files go to <output_dir>/tensorboard, flushed every 30 s for live
     plots."""
+    # TensorBoard loads only for the runs that use it.
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=os.path.join(output_dir, "tensorboard"), flush_secs=30)
 
 
@@ -122,3 +125,50 @@ def log_pr_curves(writer, epoch, coco_evals, category_names):
                     zeros, zeros, zeros, zeros, precision, recall, epoch,
                     num_thresholds=len(recall),
                 )  # fmt: skip
+
+
+class TrainingBoard:
+    """What a run writes to TensorBoard with --tensorboard, on the main process (a no-op
+    otherwise): per-iteration losses and learning rate, and per evaluation the COCO stats, the
+    DSB score, precision-recall curves and a few validation images beside their ground truth."""
+
+    SAMPLE_IMAGES = 4
+
+    def __init__(self, args, iters_per_epoch):
+        self.iters_per_epoch = iters_per_epoch
+        self.device = args.device
+        self.writer = self.epoch = None
+        if args.tensorboard and utils.is_main_process():
+            self.writer = make_writer(args.output_dir)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.writer is not None:
+            self.writer.close()
+
+    def step_logger(self, epoch):
+        """engine.train_one_epoch's log_step for `epoch`, or None."""
+        if self.writer is None:
+            return None
+
+        def log_iteration(iteration, losses, lr):
+            step = epoch * self.iters_per_epoch + iteration
+            log_step(self.writer, step, losses, lr)
+
+        return log_iteration
+
+    def at_epoch(self, epoch):
+        self.epoch = epoch
+        return self
+
+    def log_evaluation(self, stats, evaluator, model, dataset_val):
+        if self.writer is None:
+            return
+        log_evaluation(self.writer, self.epoch, stats)
+        names = {i: c["name"] for i, c in dataset_val.coco.cats.items()}
+        log_pr_curves(self.writer, self.epoch, evaluator.coco_evals, names)
+        indices = range(min(self.SAMPLE_IMAGES, len(dataset_val)))
+        samples = predict_samples(model, dataset_val, indices, self.device)
+        log_predictions(self.writer, self.epoch, *samples)

@@ -24,22 +24,23 @@ import functools
 import gc
 import os
 import random
-import sys
 import tempfile
-import traceback
 
 import numpy as np
 import torch
 
+import checkpointing
 import error_analysis
 import models
 import presets
 import recipes
+import tensorboard_log
 import utils
 from coco_eval import IOU_TYPES, STAT_NAMES, CocoEvaluator
 from coco_utils import get_coco, label_to_category_id, num_classes_of, split_paths
+from commands import add_debug_arg, add_device_arg, one_line_errors
 from engine import NonFiniteLossError, cpu_emulates_bfloat16, evaluate, train_one_epoch
-from errors import CheckpointError, CommandError, ConfigError, DataError
+from errors import CheckpointError, ConfigError, DataError, TrainingStopped
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
 from instance_metrics import evaluated_dsb_score, evaluated_instances
 from mask_geometry import SCORE_THRESHOLD
@@ -144,7 +145,7 @@ def add_optimization_args(parser):
 def add_runtime_args(parser):
     runtime = parser.add_argument_group("runtime")
     recipes.add_config_arg(runtime)
-    runtime.add_argument("--device", help="cuda when available, else cpu")
+    add_device_arg(runtime)
     runtime.add_argument("--output-dir", default=".", help="checkpoints and log.jsonl go here")
     runtime.add_argument(
         "--resume",
@@ -167,9 +168,7 @@ def add_runtime_args(parser):
     runtime.add_argument(
         "--use-deterministic-algorithms", action="store_true", help="reproducible kernels"
     )
-    runtime.add_argument(
-        "--debug", action="store_true", help="print the traceback behind an error message"
-    )
+    add_debug_arg(runtime)
     runtime.add_argument(
         "--tensorboard",
         action="store_true",
@@ -478,7 +477,7 @@ def resolve_resume(args):
 def load_checkpoint(path, args):
     """A checkpoint of this repo for args.model, or a one-line error saying what it is not."""
     try:
-        checkpoint = utils.read_checkpoint(path)
+        checkpoint = checkpointing.read_checkpoint(path)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {e.message}") from e
     saved_model = checkpoint["args"].get("model")
@@ -536,8 +535,7 @@ def setup(args):
     """Checks the flags, joins the process group, prints the run's settings; returns the device."""
     check_args(args)
     cpu_fallback = args.device is None and not torch.cuda.is_available()
-    if args.device is None:
-        args.device = "cpu" if cpu_fallback else "cuda"
+    args.device = utils.device_or_default(args.device)
     if args.sync_bn and not args.device.startswith("cuda"):
         raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel)")
     check_output_dir(args.output_dir)
@@ -649,7 +647,7 @@ def report_errors(args, dataset_val, per_image):
 
 def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation):
     """The epochs: train, save, evaluate, log. Checkpoints are written at epoch ends, every
-    --checkpoint-every iterations and on SIGTERM/SIGUSR1 (see utils.Checkpointer); the best
+    --checkpoint-every iterations and on SIGTERM/SIGUSR1 (see checkpointing.Checkpointer); the best
     evaluated epoch is kept as model_best.pth, and --patience ends a run that stopped improving."""
     model_without_ddp = getattr(model, "module", model)
     optimizer = get_optimizer(args, model_without_ddp)
@@ -662,15 +660,15 @@ def train(args, model, data_loader, num_classes, device, checkpoint, run_evaluat
             checkpoint, optimizer, lr_scheduler, scaler, iters_per_epoch
         )
         if "rng" in checkpoint:
-            utils.set_rng_states(checkpoint["rng"])
+            checkpointing.set_rng_states(checkpoint["rng"])
     training = {"model": model_without_ddp, "optimizer": optimizer, "lr_scheduler": lr_scheduler}
     training["scaler"] = scaler
     metadata = checkpoint_metadata(args, data_loader.dataset, num_classes, iters_per_epoch)
     log_path = os.path.join(args.output_dir, "log.jsonl")
     best = best_so_far(args, log_path, start_epoch)
-    board = TrainingBoard(args, iters_per_epoch)
-    with utils.StopSignal() as stop, board:
-        checkpointer = utils.Checkpointer(
+    board = tensorboard_log.TrainingBoard(args, iters_per_epoch)
+    with checkpointing.StopSignal() as stop, board:
+        checkpointer = checkpointing.Checkpointer(
             args.output_dir, training, metadata, iters_per_epoch, stop,
             every=args.checkpoint_every, keep_last=args.keep_last,
         )  # fmt: skip
@@ -704,63 +702,11 @@ def best_so_far(args, log_path, start_epoch):
         for r in utils.read_jsonl(log_path)
         if "best" in r and r["epoch"] < start_epoch
     ]
-    return utils.BestMetric(metric, args.patience, history)
+    return checkpointing.BestMetric(metric, args.patience, history)
 
 
 def evaluates_at(args, epoch):
     return (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1
-
-
-class TrainingBoard:
-    """What a run writes to TensorBoard with --tensorboard, on the main process (a no-op
-    otherwise): per-iteration losses and learning rate, and per evaluation the COCO stats, the
-    DSB score, precision-recall curves and a few validation images beside their ground truth."""
-
-    SAMPLE_IMAGES = 4
-
-    def __init__(self, args, iters_per_epoch):
-        self.iters_per_epoch = iters_per_epoch
-        self.device = args.device
-        self.writer = self.epoch = None
-        if args.tensorboard and utils.is_main_process():
-            # TensorBoard and matplotlib load only for the runs that use them.
-            import tensorboard_log
-
-            self.tensorboard_log = tensorboard_log
-            self.writer = tensorboard_log.make_writer(args.output_dir)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        if self.writer is not None:
-            self.writer.close()
-
-    def step_logger(self, epoch):
-        """engine.train_one_epoch's log_step for `epoch`, or None."""
-        if self.writer is None:
-            return None
-
-        def log_step(iteration, losses, lr):
-            step = epoch * self.iters_per_epoch + iteration
-            self.tensorboard_log.log_step(self.writer, step, losses, lr)
-
-        return log_step
-
-    def at_epoch(self, epoch):
-        self.epoch = epoch
-        return self
-
-    def log_evaluation(self, stats, evaluator, model, dataset_val):
-        if self.writer is None:
-            return
-        log = self.tensorboard_log
-        log.log_evaluation(self.writer, self.epoch, stats)
-        names = {i: c["name"] for i, c in dataset_val.coco.cats.items()}
-        log.log_pr_curves(self.writer, self.epoch, evaluator.coco_evals, names)
-        indices = range(min(self.SAMPLE_IMAGES, len(dataset_val)))
-        samples = log.predict_samples(model, dataset_val, indices, self.device)
-        log.log_predictions(self.writer, self.epoch, *samples)
 
 
 def checkpoint_metadata(args, dataset, num_classes, iters_per_epoch):
@@ -823,35 +769,23 @@ def main(args):
                 config = os.path.join(args.output_dir, "config.toml")
                 recipes.write_config(args, config, get_args_parser())
             train(args, model, data_loader, num_classes, device, checkpoint, run_evaluation)
+    except TrainingStopped as e:
+        utils.print_main(e, flush=True)
+        utils.destroy_distributed()
+        raise
     finally:
         gc.unfreeze()
     utils.destroy_distributed()
 
 
-def run(args):
-    """main(args) as a command: errors become one line on stderr (with the traceback under
-    --debug) and exit status 1; a stop signal exits 128 + its number after the checkpoint."""
-    try:
-        main(args)
-    except utils.TrainingStopped as e:
-        utils.print_main(e, flush=True)
-        utils.destroy_distributed()
-        raise SystemExit(e.exit_code) from None
-    except CommandError as e:
-        if args.debug:
-            traceback.print_exception(e)
-        print(f"error: {e.message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
 def cli(argv=None):
-    """The command: flags from argv over those of a --config recipe, then run()."""
-    try:
+    """train.py as a command: flags from argv over those of a --config recipe, then main();
+    errors become one line (after the traceback with --debug), a stop signal exits 128 + its
+    number after the checkpoint."""
+    with one_line_errors("train.py"):
         args = recipes.parse_args(get_args_parser(), argv)
-    except CommandError as e:
-        print(f"error: {e.message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    run(args)
+    with one_line_errors("train.py", debug=args.debug):
+        main(args)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,11 @@ step train_unet python train.py "${COMMON[@]}" \
     --model unet_resnet18 --output-dir "$OUT/unet" --epochs 6 --lr 0.001
 
 step fit python ensemble.py fit --maskrcnn "$OUT/maskrcnn/checkpoint.pth" \
-    --unet "$OUT/unet/checkpoint.pth" --ann "$ANN/instances_fit2017.json" \
-    --images "$DATA/fit2017" --output "$OUT/ensemble.pth"
+    --unet "$OUT/unet/checkpoint.pth" --val-ann "$ANN/instances_fit2017.json" \
+    --val-images "$DATA/fit2017" --output "$OUT/ensemble.pth"
 
 step evaluate python ensemble.py evaluate --weights "$OUT/ensemble.pth" \
-    --ann "$ANN/instances_val2017.json" --images "$DATA/val2017" \
+    --val-ann "$ANN/instances_val2017.json" --val-images "$DATA/val2017" \
     --mode maskrcnn unet baseline learned --output-dir "$OUT"
 
 python - "$OUT" <<'PY' | tee "$OUT/table.md"

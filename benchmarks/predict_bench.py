@@ -24,7 +24,7 @@ loop's binary masks.
 --allocator adds the plain loop with freed memory kept and predict.py's path without (what each
 change is worth); --breakdown adds each path run stage by stage (transform, backbone, RPN, box
 head, mask head, paste, threshold or RLE), with the page faults of each stage. --onnx FILE times
-the ONNX file on onnxruntime (export.OnnxModel), exporting the checkpoint to FILE first when
+the ONNX file on onnxruntime (exported.OnnxModel), exporting the checkpoint to FILE first when
 there is no such file; its masks are compared, not required equal.
 
 The checkpoint. No trained weights can be downloaded here, so it is an untrained, seeded
@@ -65,6 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import export  # noqa: E402
+import exported  # noqa: E402
+import loading  # noqa: E402
 import mask_crops  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
@@ -148,7 +150,7 @@ def make_data(folder, num_images, height, width, seed=0):
         model.roi_heads.box_predictor.cls_score.bias[1 : 1 + len(CLASS_BIAS)] += torch.tensor(
             CLASS_BIAS
         )
-    # Without num_batches_tracked, models.load_model freezes the BatchNorm layers, as
+    # Without num_batches_tracked, loading.load freezes the BatchNorm layers, as
     # torchvision's pretrained models (and every model fine-tuned from them) have them.
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     checkpoint = {
@@ -268,7 +270,7 @@ def method_runner(method, model, args):
     if method in ("predict", "predict, memory returned"):
         return predict_path(model, args.score_thresh)
     if method == "onnx":
-        return plain_loop(export.OnnxModel(args.onnx), args.score_thresh)
+        return plain_loop(exported.OnnxModel(args.onnx), args.score_thresh)
     if method == "predict, by stage":
         mask_crops.keep_freed_memory()
     return staged_loop(model, args.score_thresh, crops=method == "predict, by stage")
@@ -297,7 +299,7 @@ def serve(connection, method, folder, args):
     if args.threads:
         torch.set_num_threads(args.threads)
     images = [load_image(str(path)) for path in sorted((folder / "images").glob("*.png"))]
-    model, _ = models.load_model(str(folder / "checkpoint.pth"))
+    model = loading.load(str(folder / "checkpoint.pth")).model
     run = method_runner(method, model, args)
     with torch.inference_mode():
         run(images[0])
@@ -418,8 +420,9 @@ def print_table(figures):
 
 def export_onnx(folder, path):
     print(f"exporting the checkpoint to {path}", file=sys.stderr)
-    model, checkpoint = models.load_model(str(folder / "checkpoint.pth"))
-    metadata = export.file_metadata(model, export.output_names(model), checkpoint)
+    loaded = loading.load(str(folder / "checkpoint.pth"))
+    model = loaded.model
+    metadata = export.file_metadata(model, export.output_names(model), vars(loaded))
     export.export_onnx(model, path, metadata)
 
 

@@ -88,7 +88,7 @@ def run_train_as_reference(argv):
     import train
 
     train.get_coco = reference_get_coco
-    train.run(train.get_args_parser().parse_args(argv))
+    train.cli(argv)
 
 
 def train_argv(args, output_dir):

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import loading  # noqa: E402
 import mask_geometry  # noqa: E402
 import models  # noqa: E402
 import tiling  # noqa: E402
@@ -120,7 +121,7 @@ def load_model(args):
     """(model, default window size)."""
     if args.fake_model:
         return BlobModel(), 256
-    model, _ = models.load_model(args.weights, args.device)
+    model = loading.load(args.weights, args.device).model
     transform = getattr(model, "transform", None)
     return model, transform.min_size[0] if transform is not None else 512
 

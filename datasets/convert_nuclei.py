@@ -31,6 +31,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from commands import one_line_errors  # noqa: E402
 from errors import DataError  # noqa: E402
 from mask_geometry import crop_to_rle  # noqa: E402
 from progress import progress  # noqa: E402
@@ -338,13 +339,11 @@ def convert(args):
     print(f"train with: python train.py {shlex.join(flags)}")
 
 
-def main(args):
-    try:
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    with one_line_errors("convert_nuclei.py"):
         convert(args)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main()

@@ -366,7 +366,8 @@ def get_args_parser():
     return parser
 
 
-def main(args):
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     make_demo_dataset(
         args.output, args.num_train, args.num_val, args.size, args.seed, args.style, args.num_fit
     )
@@ -378,4 +379,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main()

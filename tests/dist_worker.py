@@ -69,4 +69,4 @@ if __name__ == "__main__":
         hang_before_training()
     if "DIST_TEST_EMPTY_IDS" in os.environ:
         drop_detections({int(i) for i in os.environ["DIST_TEST_EMPTY_IDS"].split(",")})
-    train.run(train.get_args_parser().parse_args())
+    train.cli()

@@ -14,7 +14,6 @@ sys.path.insert(0, str(DATASETS_DIR))
 from convert_nuclei import (  # noqa: E402
     convert_dsb,
     convert_label_images,
-    get_args_parser,
     main,
     split_records,
     write_coco,
@@ -175,7 +174,7 @@ def test_write_coco_copies_or_links_images(dsb_root, tmp_path):
 
 
 def run_main(argv):
-    main(get_args_parser().parse_args([str(a) for a in argv]))
+    main([str(a) for a in argv])
 
 
 def test_cli_writes_both_splits_and_prints_train_flags(dsb_root, tmp_path, capsys):
@@ -244,5 +243,5 @@ def test_script_reports_bad_input_without_traceback(tmp_path):
     argv = [sys.executable, script, "--dsb", tmp_path / "missing", "--output", tmp_path / "o"]
     result = subprocess.run(argv, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "missing" in result.stderr
+    assert result.stderr.startswith("convert_nuclei.py: error: ") and "missing" in result.stderr
     assert "Traceback" not in result.stderr

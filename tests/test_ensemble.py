@@ -229,7 +229,8 @@ def test_not_an_ensemble_file_is_a_one_line_error(tmp_path, capsys, content):
     else:
         weights.write_text("not a checkpoint")
     val = write_coco(tmp_path / "val.json")
-    argv = ["evaluate", "--weights", str(weights), "--ann", str(val), "--images", str(tmp_path)]
+    argv = ["evaluate", "--weights", str(weights), "--val-ann", str(val)]
+    argv += ["--val-images", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         ensemble.main(argv)
     assert exit_info.value.code == 2
@@ -253,3 +254,37 @@ def test_members_must_be_the_right_models():
         ensemble.check_members(rcnn, rcnn, "a.pth", "b.pth")
     with pytest.raises(ConfigError, match="different categories"):
         ensemble.check_members(rcnn, {**net, "category_names": {1: "b"}}, "a.pth", "b.pth")
+
+
+def write_onnx_with_metadata(path):
+    """An ONNX file that loads as export.py's do (an identity graph with their metadata)."""
+    onnx = pytest.importorskip("onnx")
+    image = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [3, None, None])
+    boxes = onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [3, None, None])
+    node = onnx.helper.make_node("Identity", ["image"], ["boxes"])
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "identity", [image], [boxes]))
+    metadata = {"model": "unet_resnet18", "outputs": ["boxes"], "category_names": {},
+                "label_offset": 0}  # fmt: skip
+    onnx.helper.set_model_props(model, {"instance_segmentation": json.dumps(metadata)})
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize("given", ["onnx", "unet"])
+def test_a_maskrcnn_that_is_no_mask_rcnn_checkpoint_is_a_one_line_error(tmp_path, capsys, given):
+    unet_path = tmp_path / "unet.pth"
+    torch.save(tiny_unet_checkpoint(), unet_path)
+    maskrcnn = unet_path
+    if given == "onnx":
+        maskrcnn = tmp_path / "maskrcnn.onnx"
+        write_onnx_with_metadata(maskrcnn)
+    fit_ann = write_coco(tmp_path / "fit.json")
+    argv = ["fit", "--maskrcnn", str(maskrcnn), "--unet", str(unet_path), "--val-ann", str(fit_ann),
+            "--val-images", str(tmp_path), "--output", str(tmp_path / "ensemble.pth")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        ensemble.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"ensemble.py: error: --maskrcnn {maskrcnn}: ")
+    assert ("not a loadable checkpoint" if given == "onnx" else "not Mask R-CNN") in err
+    assert not (tmp_path / "ensemble.pth").exists()

@@ -11,7 +11,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.resnet import Bottleneck
 
 import export
-import models
+import exported
+import loading
 import unet
 from errors import CheckpointError, ConfigError
 
@@ -174,14 +175,14 @@ def test_rcnn_detections_is_the_eager_model(maskrcnn):
 
 @pytest.mark.slow
 def test_torch_export_file_matches_eager(maskrcnn, torch_file):
-    runner = export.ExportedModel(torch_file)
+    runner = exported.ExportedModel(torch_file)
     assert_parity(maskrcnn, runner)
     assert runner.category_names == CATEGORY_NAMES and runner.label_offset == 0
 
 
 @pytest.mark.slow
 def test_onnx_file_matches_eager(maskrcnn, onnx_file):
-    runner = export.OnnxModel(onnx_file)
+    runner = exported.OnnxModel(onnx_file)
     assert_parity(maskrcnn, runner)
     assert runner.category_names == CATEGORY_NAMES and runner.label_offset == 0
 
@@ -239,11 +240,11 @@ def test_unet_command_writes_maps_and_runner_makes_instances(
         ["--weights", str(unet_checkpoint), "--format", file_format, "--output", str(output)]
     )
     assert "foreground, border, classes" in capsys.readouterr().out
-    model, _ = models.load_model(str(unet_checkpoint))
+    model = loading.load(str(unet_checkpoint)).model
     runner = (
-        export.OnnxModel(str(output))
+        exported.OnnxModel(str(output))
         if file_format == "onnx"
-        else export.ExportedModel(str(output))
+        else exported.ExportedModel(str(output))
     )
     assert runner.category_names == CATEGORY_NAMES
     for image in images():
@@ -298,9 +299,9 @@ def test_command_names_a_file_that_is_no_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"export.py: error: {weights}: not a loadable")
 
 
-@pytest.mark.parametrize("runner", [export.OnnxModel, export.ExportedModel])
+@pytest.mark.parametrize("runner", [exported.OnnxModel, exported.ExportedModel])
 def test_runners_name_a_file_that_is_no_model(tmp_path, runner):
-    if runner is export.OnnxModel:
+    if runner is exported.OnnxModel:
         pytest.importorskip("onnxruntime")
     path = tmp_path / "notes.onnx"
     path.write_text("not a model")
@@ -325,7 +326,7 @@ def test_onnx_file_without_metadata_is_an_error(tmp_path):
     path = tmp_path / "identity.onnx"
     onnx.save(onnx.helper.make_model(graph), path)
     with pytest.raises(CheckpointError, match="instance_segmentation"):
-        export.OnnxModel(str(path))
+        exported.OnnxModel(str(path))
 
 
 def test_metadata_is_json_with_string_keys():

@@ -14,7 +14,7 @@ from skimage.measure import regionprops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 
-from make_demo import get_args_parser, main, make_demo_dataset  # noqa: E402
+from make_demo import main, make_demo_dataset  # noqa: E402
 
 SPLITS = ("train2017", "val2017")
 NUCLEI_SPLITS = ("train2017", "fit2017", "val2017")
@@ -115,7 +115,7 @@ def test_image_files_match_metadata(demo_root, split):
 
 def test_cli_writes_dataset(tmp_path, capsys):
     args = ["--output", str(tmp_path), "--num-train", "1", "--num-val", "1", "--size", "48"]
-    main(get_args_parser().parse_args(args))
+    main(args)
     assert str(tmp_path) in capsys.readouterr().out
     assert (tmp_path / "annotations" / "instances_val2017.json").is_file()
     assert (tmp_path / "val2017" / "000000000001.png").is_file()
@@ -211,6 +211,6 @@ def test_nuclei_shapes_are_not_only_ellipses(nuclei_root):
 
 def test_nuclei_cli_names_the_fit_split(tmp_path, capsys):
     args = ["--output", str(tmp_path), "--style", "nuclei", "--num-train", "1", "--num-fit", "1"]
-    main(get_args_parser().parse_args([*args, "--num-val", "1", "--size", "64"]))
+    main([*args, "--num-val", "1", "--size", "64"])
     assert "1 fit" in capsys.readouterr().out
     assert load(tmp_path, "fit2017").getImgIds() == [1]

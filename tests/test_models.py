@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import loading
 import models
 import train
 from errors import CheckpointError, ConfigError
@@ -63,8 +64,9 @@ def test_a_saved_unet_comes_back_as_it_was(tmp_path):
     torch.manual_seed(0)
     model = models.get_model(args, 3).eval()
     save_checkpoint(tmp_path / "unet.pth", args, model, 3)
-    loaded, checkpoint = models.load_model(str(tmp_path / "unet.pth"))
-    assert checkpoint["num_classes"] == 3 and loaded.watershed_kwargs["min_area"] == 5
+    result = loading.load(str(tmp_path / "unet.pth"))
+    loaded = result.model
+    assert result.num_classes == 3 and loaded.watershed_kwargs["min_area"] == 5
     image = torch.rand(3, 48, 40)
     with torch.no_grad():
         expected, actual = model([image])[0], loaded([image])[0]
@@ -75,7 +77,7 @@ def test_a_checkpoint_of_another_model_is_an_error_naming_it(tmp_path):
     checkpoint = {"model": {"x": torch.zeros(1)}, "args": {"model": "unet_resnet18"}, "epoch": 0}
     torch.save({**checkpoint, "num_classes": 2}, tmp_path / "x.pth")
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'x.pth'}: weights do not fit"):
-        models.load_model(str(tmp_path / "x.pth"))
+        loading.load(str(tmp_path / "x.pth"))
 
 
 def test_inference_wrappers_follow_the_flags():
@@ -109,7 +111,7 @@ def test_a_narrow_resnet18_mask_rcnn_trains_and_comes_back_from_its_checkpoint(t
     losses = model([torch.rand(3, 64, 64)], [target])
     assert {"loss_mask", "loss_classifier"} <= set(losses)
     save_checkpoint(tmp_path / "r18.pth", args, model.eval(), 3)
-    loaded, _ = models.load_model(str(tmp_path / "r18.pth"))
+    loaded = loading.load(str(tmp_path / "r18.pth")).model
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
         expected, actual = model([image])[0], loaded([image])[0]

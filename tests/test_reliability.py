@@ -310,8 +310,8 @@ def test_unwritable_output_dir_and_impossible_numbers(demo_root, tmp_path):
 def test_cli_error_has_no_traceback_unless_debug(tmp_path):
     argv = [sys.executable, "train.py", "--device", "cpu", "--data-path", str(tmp_path / "x")]
     quiet = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert quiet.returncode == 1
-    assert quiet.stderr.strip() == f"error: --data-path {tmp_path / 'x'}: no such folder"
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip() == f"train.py: error: --data-path {tmp_path / 'x'}: no such folder"
     debug = subprocess.run([*argv, "--debug"], cwd=ROOT, capture_output=True, text=True)
-    assert "Traceback" in debug.stderr and debug.returncode == 1
+    assert "Traceback" in debug.stderr and debug.returncode == 2
     assert os.path.basename(train.__file__) in debug.stderr
