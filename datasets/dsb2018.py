@@ -34,6 +34,16 @@ checks both, ``--verify images`` the images only, ``--verify none`` nothing.
 Output: ``<output>/annotations/instances_{train,fit,val}.json`` (compressed RLE, one category
 "nucleus"; each image record carries its ``kind`` and ``large``) and the PNGs, unchanged, in
 ``<output>/{train,fit,val}/<id>.png``.
+
+One evaluation split: ``--split-name NAME`` writes every image of the source as the one split
+NAME, without the split file (no checksums); its masks come from the source's ``masks/`` folders
+or, with ``--solution``, from a Kaggle solution file. That is a CSV with the columns
+``ImageId,EncodedPixels,Height,Width`` (others, e.g. ``Usage``, are ignored), one row per
+nucleus; ``EncodedPixels`` holds pairs ``start length`` of 1-based pixel numbers counted top to
+bottom, then left to right (column-major), e.g. the stage 1 test answers::
+
+    python datasets/dsb2018.py --source stage1_test --solution stage1_solution.csv \
+        --split-name test --output data/dsb2018_test
 """
 
 import argparse
@@ -67,6 +77,7 @@ SPLIT_FRACTIONS = {"train": 0.75, "fit": 0.10, "val": 0.15}
 KINDS = ("fluorescence", "brightfield", "tissue")
 LARGE_SIDE = 1000
 VERIFY_CHOICES = ("all", "images", "none")
+SOLUTION_FIELDS = ("ImageId", "EncodedPixels", "Height", "Width")
 SAMPLE_FILE = re.compile(r"^(?:.*/)?(?P<id>[^/]+)/(?P<part>images|masks)/(?P<name>[^/]+\.png)$")
 
 
@@ -174,6 +185,54 @@ def describe(source, sample):
     }
 
 
+def kaggle_rle(encoded, height, width):
+    """Compressed COCO RLE of one Kaggle run-length string (see the docstring); ValueError when
+    the runs are not increasing, non-overlapping, positive runs inside the image."""
+    values = np.array(encoded.split(), dtype=np.int64)
+    if values.size == 0 or values.size % 2:
+        raise ValueError("needs pairs of start and length")
+    starts, lengths = values[0::2] - 1, values[1::2]
+    ends = starts + lengths
+    if (lengths <= 0).any() or starts[0] < 0 or (starts[1:] < ends[:-1]).any():
+        raise ValueError("runs must be positive, increasing and must not overlap")
+    if ends[-1] > height * width:
+        raise ValueError(f"runs pass the end of a {height}x{width} image")
+    # COCO's uncompressed counts are column-major too: alternating background and foreground.
+    counts = np.diff(np.r_[0, np.column_stack([starts, ends]).ravel(), height * width])
+    return mask_utils.frPyObjects(
+        {"size": [height, width], "counts": counts.tolist()}, height, width
+    )
+
+
+def decode_kaggle_rle(encoded, height, width):
+    """The [height, width] boolean mask of one Kaggle run-length string."""
+    return mask_utils.decode(kaggle_rle(encoded, height, width)).astype(bool)
+
+
+def read_solution(path):
+    """{image id: (height, width, [annotation])} of a Kaggle solution file; an image's row with
+    empty EncodedPixels lists it with no nuclei."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConversionError(f"{path}: cannot read solution file ({exc.strerror})") from exc
+    if not rows or not set(SOLUTION_FIELDS) <= rows[0].keys():
+        raise ConversionError(f"{path}: not a solution file (columns {','.join(SOLUTION_FIELDS)})")
+    images = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            size = int(row["Height"]), int(row["Width"])
+            annotations = images.setdefault(row["ImageId"], (*size, []))[2]
+            if images[row["ImageId"]][:2] != size:
+                raise ValueError(f"size {size} differs from the image's earlier rows")
+            if row["EncodedPixels"].strip():
+                annotations.append(rle_annotation(kaggle_rle(row["EncodedPixels"], *size)))
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"{path}: line {line}: {exc}") from exc
+    return images
+
+
 def split_sizes(count):
     """Images of a stratum per split: SPLIT_FRACTIONS rounded by largest remainder, each split
     given at least one image when the stratum has as many images as there are splits."""
@@ -251,12 +310,22 @@ def mask_annotation(source, name, shape):
     return rle_annotation(mask_utils.encode(binary))
 
 
-def convert_sample(source, sample):
-    """A record: the image's bytes, size, kind and nucleus annotations."""
-    if not sample.masks:
-        raise ConversionError(f"{source.where(sample.image_id + '/masks')}: no mask PNGs")
+def convert_sample(source, sample, solution=None):
+    """A record: the image's bytes, size, kind and nucleus annotations, from its masks or from
+    the `solution` (read_solution) when given."""
     pixels = decode_png(source, sample.image)
     shape = pixels.shape[:2]
+    if solution is not None:
+        height, width, annotations = solution[sample.image_id]
+        if (height, width) != shape:
+            raise ConversionError(
+                f"{source.where(sample.image)}: image is {shape}, the solution says "
+                f"{(height, width)}"
+            )
+    elif not sample.masks:
+        raise ConversionError(f"{source.where(sample.image_id + '/masks')}: no mask PNGs")
+    else:
+        annotations = [mask_annotation(source, name, shape) for name in sample.masks]
     return {
         "image_id": sample.image_id,
         "data": source.read(sample.image),
@@ -264,7 +333,7 @@ def convert_sample(source, sample):
         "width": int(shape[1]),
         "kind": image_kind(pixels),
         "large": is_large(*shape),
-        "annotations": [mask_annotation(source, name, shape) for name in sample.masks],
+        "annotations": annotations,
     }
 
 
@@ -331,24 +400,73 @@ def samples_by_split(source, split_rows, verify_mode):
     return grouped
 
 
+def check_solution_images(source, solution, path):
+    """Every image of the source has answers in the solution, and every answer an image."""
+    for unknown, where in (
+        (source.samples.keys() - solution.keys(), f"{path} has no rows of"),
+        (solution.keys() - source.samples.keys(), f"{source.location} has no image"),
+    ):
+        if unknown:
+            raise ConversionError(f"{where} {len(unknown)} images (first: {min(unknown)})")
+
+
+def convert_one_split(args, source):
+    """Every image of the source as the one split --split-name."""
+    solution = None
+    if args.solution is not None:
+        solution = read_solution(args.solution)
+        check_solution_images(source, solution, args.solution)
+    samples = progress(list(source.samples.values()), desc=args.split_name, unit="image")
+    records = [convert_sample(source, sample, solution) for sample in samples]
+    ann_path = write_split(records, args.output, args.split_name)
+    print(summary(args.split_name, records))
+    flags = ["--val-ann", str(ann_path), "--val-images", str(args.output / args.split_name)]
+    print(f"evaluate with: python train.py --test-only --resume CHECKPOINT {shlex.join(flags)}")
+
+
+def convert_fixed_split(args, source):
+    """train, fit and val of the split file, checksums verified."""
+    grouped = samples_by_split(source, read_split_file(args.split_file), args.verify)
+    flags = []
+    for split in SPLIT_FRACTIONS:
+        samples = progress(grouped[split], desc=split, unit="image")
+        records = [convert_sample(source, sample) for sample in samples]
+        ann_path = write_split(records, args.output, split)
+        print(summary(split, records))
+        if split != "fit":
+            flags += [
+                f"--{split}-ann",
+                str(ann_path),
+                f"--{split}-images",
+                str(args.output / split),
+            ]
+    print(f"train with: python train.py {shlex.join(flags)}")
+
+
+def write_split_from_source(args, source):
+    rows = [describe(source, s) for s in progress(source.samples.values(), desc="hash")]
+    write_split_file(assign_splits(rows, args.seed), args.split_file)
+    print(f"{args.split_file}: {len(rows)} images")
+
+
+def check_args(args):
+    if args.output is None and not args.write_split:
+        raise ConversionError("--output is required (unless --write-split)")
+    if args.solution is not None and args.split_name is None:
+        args.split_name = "test"
+    if args.write_split and args.split_name is not None:
+        raise ConversionError("--write-split writes the split file; --split-name converts")
+
+
 def convert(args):
+    check_args(args)
     with open_source(args.source) as source:
         if args.write_split:
-            rows = [describe(source, s) for s in progress(source.samples.values(), desc="hash")]
-            write_split_file(assign_splits(rows, args.seed), args.split_file)
-            print(f"{args.split_file}: {len(rows)} images")
-            return
-        grouped = samples_by_split(source, read_split_file(args.split_file), args.verify)
-        flags = []
-        for split in SPLIT_FRACTIONS:
-            samples = progress(grouped[split], desc=split, unit="image")
-            records = [convert_sample(source, sample) for sample in samples]
-            ann_path = write_split(records, args.output, split)
-            print(summary(split, records))
-            if split != "fit":
-                flags += [f"--{split}-ann", str(ann_path)]
-                flags += [f"--{split}-images", str(args.output / split)]
-    print(f"train with: python train.py {shlex.join(flags)}")
+            write_split_from_source(args, source)
+        elif args.split_name is not None:
+            convert_one_split(args, source)
+        else:
+            convert_fixed_split(args, source)
 
 
 def get_args_parser():
@@ -376,6 +494,18 @@ def get_args_parser():
         "zip), or none (default: %(default)s)",
     )
     parser.add_argument(
+        "--split-name",
+        metavar="NAME",
+        help="write every image of the source as this one split (no split file, no checksums)",
+    )
+    parser.add_argument(
+        "--solution",
+        type=Path,
+        metavar="CSV",
+        help="Kaggle solution file (ImageId,EncodedPixels,Height,Width) holding the masks of "
+        "--source's images; implies --split-name test unless given",
+    )
+    parser.add_argument(
         "--write-split",
         action="store_true",
         help="write --split-file from the source instead of converting (maintainers)",
@@ -388,8 +518,6 @@ def get_args_parser():
 
 def main(args):
     with one_line_errors("dsb2018.py"):
-        if args.output is None and not args.write_split:
-            raise ConversionError("--output is required (unless --write-split)")
         convert(args)
 
 

@@ -16,6 +16,7 @@ from dsb2018 import (  # noqa: E402
     SPLIT_FILE,
     SPLIT_FRACTIONS,
     assign_splits,
+    decode_kaggle_rle,
     describe,
     get_args_parser,
     image_kind,
@@ -231,3 +232,75 @@ def test_committed_split_file_follows_the_split_rule():
             row["split"] for row in rows if (row["kind"], row["large"]) == (kind, large)
         )
         assert splits == {split: n for split, n in split_sizes(count).items() if n}
+
+
+def pixels(height, width, *positions):
+    mask = np.zeros((height, width), dtype=bool)
+    for y, x in positions:
+        mask[y, x] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("encoded", "expected"),
+    [
+        ("1 1", pixels(3, 4, (0, 0))),
+        ("3 1", pixels(3, 4, (2, 0))),
+        ("4 1", pixels(3, 4, (0, 1))),
+        # Pixel 2 to 4: the run wraps from the first column into the second.
+        ("2 3", pixels(3, 4, (1, 0), (2, 0), (0, 1))),
+        ("3 4 10 3", pixels(3, 4, (2, 0), (0, 1), (1, 1), (2, 1), (0, 3), (1, 3), (2, 3))),
+        ("1 12", np.ones((3, 4), dtype=bool)),
+        ("12 1", pixels(3, 4, (2, 3))),
+    ],
+)
+def test_kaggle_rle_decodes_column_major_one_based(encoded, expected):
+    assert np.array_equal(decode_kaggle_rle(encoded, 3, 4), expected)
+
+
+@pytest.mark.parametrize("encoded", ["", "1", "0 2", "1 0", "5 2 6 1", "5 2 3 1", "12 2"])
+def test_kaggle_rle_rejects_bad_runs(encoded):
+    with pytest.raises(ValueError):
+        decode_kaggle_rle(encoded, 3, 4)
+
+
+def kaggle_runs(mask):
+    flat = np.r_[0, mask.ravel(order="F"), 0]
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    return " ".join(
+        f"{start} {end - start}" for start, end in zip(edges[::2], edges[1::2], strict=True)
+    )
+
+
+def test_solution_file_converts_a_test_folder_as_one_split(stage1, tmp_path, capsys):
+    root, written = stage1
+    rows = ["ImageId,EncodedPixels,Height,Width,Usage"]
+    for image_id, masks in written.items():
+        rows += [f"{image_id},{kaggle_runs(m)},{m.shape[0]},{m.shape[1]},Public" for m in masks]
+        for mask_path in (root / image_id / "masks").iterdir():
+            mask_path.unlink()
+    (tmp_path / "solution.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    run(["--source", root, "--solution", tmp_path / "solution.csv", "--output", out])
+    coco = converted(out, "test")
+    assert "test: 20 images" in capsys.readouterr().out
+    for image in coco["images"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in anns]
+        expected = written[Path(image["file_name"]).stem]
+        assert [m.tobytes() for m in masks] == [m.tobytes() for m in expected]
+
+
+def test_split_name_writes_the_whole_folder_without_the_split_file(stage1, tmp_path):
+    root, written = stage1
+    run(["--source", root, "--split-name", "all", "--output", tmp_path / "out"])
+    coco = converted(tmp_path / "out", "all")
+    assert {Path(image["file_name"]).stem for image in coco["images"]} == written.keys()
+    assert len(coco["annotations"]) == sum(len(masks) for masks in written.values())
+
+
+def test_solution_without_rows_for_an_image(stage1, tmp_path, capsys):
+    root, _ = stage1
+    (tmp_path / "solution.csv").write_text("ImageId,EncodedPixels,Height,Width\nflu00,1 3,64,64\n")
+    argv = ["--source", root, "--solution", tmp_path / "solution.csv", "--output", tmp_path / "o"]
+    assert "has no rows of 19 images" in expect_error(argv, capsys)
