@@ -253,6 +253,35 @@ def summarize_counts(per_image):
     }
 
 
+def annotation_rle(segmentation, height, width):
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) as one pycocotools RLE."""
+    if isinstance(segmentation, list):
+        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_util.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def results_image_counts(dataset, results, score_thresh):
+    """{image id: ImageCounts} of every image of a COCO annotation dict, against the results
+    (COCO results list with "segmentation") scoring at least `score_thresh`; crowd annotations
+    are left out. Masks stay RLEs."""
+    images = {image["id"]: image for image in dataset["images"]}
+    gt_rles = {image_id: [] for image_id in images}
+    pred_rles = {image_id: [] for image_id in images}
+    for ann in dataset["annotations"]:
+        if not ann.get("iscrowd", 0):
+            image = images[ann["image_id"]]
+            rle = annotation_rle(ann["segmentation"], image["height"], image["width"])
+            gt_rles[ann["image_id"]].append(rle)
+    for result in sorted(results, key=lambda r: -r["score"]):
+        if result["score"] >= score_thresh:
+            pred_rles[result["image_id"]].append(result["segmentation"])
+    return {
+        image_id: rle_image_counts(gt_rles[image_id], pred_rles[image_id]) for image_id in images
+    }
+
+
 def nuclei_metrics(per_image, kinds=None):
     """{"all": summarize_counts of every image, <kind>: of that kind's images} for
     `per_image` {image id: ImageCounts} and `kinds` {image id: kind}; an image without a kind
