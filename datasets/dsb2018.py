@@ -149,9 +149,11 @@ def masks_sha256(source, sample):
     return sha256("".join(sorted(lines)).encode())
 
 
-def decode_png(source, name):
+def decode_png(source, name, data=None):
+    """Pixels of a PNG of the source (its bytes `data` when already read)."""
+    data = source.read(name) if data is None else data
     try:
-        with Image.open(io.BytesIO(source.read(name))) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image)
     except PIL_ERRORS as exc:
         raise ConversionError(f"{source.where(name)}: cannot read image ({exc})") from exc
@@ -175,7 +177,7 @@ def is_large(height, width):
 def describe(source, sample):
     """The split file's row of a sample, without its split."""
     data = source.read(sample.image)
-    pixels = decode_png(source, sample.image)
+    pixels = decode_png(source, sample.image, data)
     return {
         "image_id": sample.image_id,
         "kind": image_kind(pixels),
@@ -313,7 +315,8 @@ def mask_annotation(source, name, shape):
 def convert_sample(source, sample, solution=None):
     """A record: the image's bytes, size, kind and nucleus annotations, from its masks or from
     the `solution` (read_solution) when given."""
-    pixels = decode_png(source, sample.image)
+    data = source.read(sample.image)
+    pixels = decode_png(source, sample.image, data)
     shape = pixels.shape[:2]
     if solution is not None:
         height, width, annotations = solution[sample.image_id]
@@ -328,7 +331,7 @@ def convert_sample(source, sample, solution=None):
         annotations = [mask_annotation(source, name, shape) for name in sample.masks]
     return {
         "image_id": sample.image_id,
-        "data": source.read(sample.image),
+        "data": data,
         "height": int(shape[0]),
         "width": int(shape[1]),
         "kind": image_kind(pixels),
