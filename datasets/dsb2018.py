@@ -117,8 +117,9 @@ def find_samples(names, location):
             images[match["id"]] = name
     if not images:
         raise ConversionError(f"{location}: no sample folders (<id>/images/<id>.png)")
-    for image_id in masks.keys() - images.keys():
-        raise ConversionError(f"{location}: masks of {image_id} but no images/{image_id}.png")
+    orphans = sorted(masks.keys() - images.keys())
+    if orphans:
+        raise ConversionError(f"{location}: masks of {orphans[0]} but no images/{orphans[0]}.png")
     return {
         image_id: Sample(image_id, images[image_id], tuple(sorted(masks[image_id])))
         for image_id in sorted(images)
