@@ -134,6 +134,14 @@ def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path)
     assert result["segm"] == last_epoch["segm"]
 
 
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("dsb", True), ("nuclei/pq", True), ("nuclei/aji", True), ("nuclei/f1", False)],
+)
+def test_best_metric_names(name, valid):
+    assert train.valid_metric_name(name) is valid
+
+
 @pytest.mark.slow
 def test_nuclei_metrics_overall_per_kind_and_per_image(demo_root, trained, tmp_path, capsys):
     ann = demo_root / "annotations" / "instances_val2017.json"
