@@ -5,7 +5,10 @@
         --iou-types bbox segm --max-dets 1 10 1000 --out stats.json
 
 prints pycocotools' 12-line table per IoU type and a per-category AP table, and with `--out` writes
-`{iou_type: {"stats": [12 numbers], "AP": ..., ..., "ARl": ...}}`. The names AR1, AR10 and AR100
+`{iou_type: {"stats": [12 numbers], "AP": ..., ..., "ARl": ...}}`. With `--nuclei-metrics` (segm
+results) it adds the nuclei measures of instance_metrics (DSB2018 score, F1, precision and recall
+at IoU 0.5, PQ, AJI) of the masks scoring at least `--score-thresh`, overall and per image kind
+(the image records' "kind"), under "nuclei" in `--out`. The names AR1, AR10 and AR100
 are positions: they hold the recall at the first, second and third `--max-dets` value.
 
 The stats equal those of pycocotools' COCOeval given the same files and `params.maxDets`, with one
@@ -31,6 +34,8 @@ import numpy as np
 from coco_results import to_coco_results, to_detections
 from commands import one_line_errors
 from errors import ConfigError, DataError
+from instance_metrics import format_nuclei_table, nuclei_metrics, results_image_counts
+from mask_geometry import SCORE_THRESHOLD
 
 IOU_TYPES = ("bbox", "segm")
 # pip package: (module with COCO, module with the COCOeval class, its name). All follow
@@ -337,6 +342,18 @@ def get_args_parser():
         help="detections per image for AR1, AR10 and AR100 (named by position); the last also "
         "caps AP",
     )
+    parser.add_argument(
+        "--nuclei-metrics",
+        action="store_true",
+        help="also the DSB2018 score, F1/precision/recall at IoU 0.5, PQ and AJI, overall and per "
+        "image kind (needs segm results)",
+    )
+    parser.add_argument(
+        "--score-thresh",
+        type=float,
+        default=SCORE_THRESHOLD,
+        help="--nuclei-metrics counts masks scoring at least this (default: %(default)s)",
+    )
     parser.add_argument("--out", help="write the stats of each IoU type to this JSON file")
     parser.add_argument(
         "--eval-backend",
@@ -396,12 +413,15 @@ def check_results(results, path, iou_type, image_ids):
 
 
 def evaluate_files(args):
-    """Evaluates the files named by the command-line arguments; returns {iou_type: 12 stats}."""
+    """Evaluates the files named by the command-line arguments; returns {iou_type: 12 stats},
+    and with --nuclei-metrics {"nuclei": nuclei_metrics} too."""
     if len(args.results) not in (1, len(args.iou_types)):
         raise ConfigError("--results takes one file, or one per --iou-types entry")
     if len(set(args.iou_types)) < len(args.iou_types):
         raise ConfigError(f"--iou-types names an IoU type twice: {' '.join(args.iou_types)}")
     check_max_dets(args.max_dets)
+    if args.nuclei_metrics and "segm" not in args.iou_types:
+        raise ConfigError("--nuclei-metrics needs segm results: add --iou-types segm")
     dataset = read_gt(args.ann)
     image_ids = {image["id"] for image in dataset["images"]}
     paths = args.results * len(args.iou_types) if len(args.results) == 1 else args.results
@@ -416,7 +436,18 @@ def evaluate_files(args):
     categories = {category["id"]: category for category in dataset["categories"]}
     rows = per_category_ap(coco_evals, categories)
     print(format_per_category_table(rows, list(coco_evals)))
+    if args.nuclei_metrics:
+        all_stats["nuclei"] = evaluate_nuclei(dataset, results["segm"], args.score_thresh)
     return all_stats
+
+
+def evaluate_nuclei(dataset, results, score_thresh):
+    """The nuclei measures of segm results, printed and returned by group of images."""
+    per_image = results_image_counts(dataset, results, score_thresh)
+    kinds = {image["id"]: image.get("kind") for image in dataset["images"]}
+    metrics = nuclei_metrics(per_image, kinds)
+    print(f"masks with score >= {score_thresh}; {format_nuclei_table(metrics)}")
+    return metrics
 
 
 def main(argv=None):
@@ -429,7 +460,11 @@ def main(argv=None):
             raise ConfigError(str(e)) from None
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({t: stats_to_dict(s) for t, s in all_stats.items()}, f, indent=2)
+            json.dump(
+                {t: stats_to_dict(s) if t in IOU_TYPES else s for t, s in all_stats.items()},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -215,10 +215,11 @@ def convert_label_images(images_dir, labels_dir, label_suffix=""):
 
 
 def split_records(records, val_fraction=0.2, seed=0):
-    """Reproducible (train, val) split by image; both non-empty when possible."""
+    """Reproducible (train, val) split by image; both non-empty when possible, unless
+    `val_fraction` is 1: then every image is in val."""
     records = sorted(records, key=lambda r: r["file_name"])
     num_val = round(len(records) * val_fraction)
-    if val_fraction > 0 and len(records) > 1:
+    if 0 < val_fraction < 1 and len(records) > 1:
         num_val = min(max(num_val, 1), len(records) - 1)
     is_val = np.zeros(len(records), dtype=bool)
     is_val[np.random.default_rng(seed).permutation(len(records))[:num_val]] = True
@@ -296,7 +297,8 @@ def get_args_parser():
         "--val-fraction",
         type=float,
         default=0.2,
-        help="fraction of images for validation, in [0, 1) (default: %(default)s)",
+        help="fraction of images for validation, in [0, 1]; 1 writes the whole folder as one "
+        "evaluation split, val (default: %(default)s)",
     )
     output.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     output.add_argument(
@@ -314,8 +316,8 @@ def check_args(args):
         raise ConversionError("pass either --dsb or both --images and --labels")
     if label_layout and (args.images is None or args.labels is None):
         raise ConversionError("--images and --labels go together")
-    if not 0 <= args.val_fraction < 1:
-        raise ConversionError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 <= args.val_fraction <= 1:
+        raise ConversionError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
 
 
 def summary(split, records):
@@ -331,12 +333,16 @@ def convert(args):
     else:
         records = convert_label_images(args.images, args.labels, args.label_suffix)
     train, val = split_records(records, args.val_fraction, args.seed)
+    evaluation_only = args.val_fraction == 1
     flags = []
-    for split, subset in (("train", train), ("val", val)):
+    for split, subset in (("val", val),) if evaluation_only else (("train", train), ("val", val)):
         ann_path = write_coco(subset, args.output, split, args.category_name, args.symlink)
         flags += [f"--{split}-ann", str(ann_path), f"--{split}-images", str(args.output / split)]
     print(f"{summary('train', train)}; {summary('val', val)} -> {args.output}")
-    print(f"train with: python train.py {shlex.join(flags)}")
+    if evaluation_only:
+        print(f"evaluate with: python train.py --test-only --resume CHECKPOINT {shlex.join(flags)}")
+    else:
+        print(f"train with: python train.py {shlex.join(flags)}")
 
 
 def main(argv=None):

@@ -497,3 +497,65 @@ def test_evaluator_rejects_bad_arguments(gt):
         CocoEvaluator(gt_coco(gt), ["keypoints"])
     with pytest.raises(ValueError, match="max-dets"):
         CocoEvaluator(gt_coco(gt), ["bbox"], max_dets=(1, 100))
+
+
+def square_rle(top, left, side, size=10):
+    mask = np.zeros((size, size), dtype=np.uint8, order="F")
+    mask[top : top + side, left : left + side] = 1
+    rle = mask_util.encode(mask)
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def test_nuclei_metrics_of_a_results_file(tmp_path):
+    polygon = [[1.0, 1.0, 6.0, 1.0, 6.0, 6.0, 1.0, 6.0]]
+    images = [
+        {"id": 1, "file_name": "a.png", "height": 10, "width": 10, "kind": "tissue"},
+        {"id": 2, "file_name": "b.png", "height": 10, "width": 10, "kind": "fluorescence"},
+    ]
+    gt_shapes = [(1, square_rle(0, 0, 4)), (1, square_rle(6, 6, 4)), (2, polygon)]
+    annotations = [
+        {"id": i, "image_id": image_id, "category_id": 1, "segmentation": shape, "iscrowd": 0}
+        for i, (image_id, shape) in enumerate(gt_shapes, start=1)
+    ]
+    for ann in annotations:
+        ann["area"] = 16.0
+        ann["bbox"] = [0.0, 0.0, 4.0, 4.0]
+    gt = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "n"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    polygon_rle = mask_util.merge(mask_util.frPyObjects(polygon, 10, 10))
+    polygon_rle["counts"] = polygon_rle["counts"].decode()
+    # Image 1: one nucleus matched at IoU 0.6, one missed (its prediction scores below 0.5), one
+    # extra 4-pixel prediction; image 2: its nucleus found exactly.
+    predictions = [
+        (1, square_rle(0, 1, 4), 0.9),
+        (1, square_rle(0, 8, 2), 0.8),
+        (1, square_rle(6, 6, 4), 0.3),
+        (2, polygon_rle, 0.7),
+    ]
+    results = [
+        {"image_id": image_id, "category_id": 1, "segmentation": rle, "score": score}
+        for image_id, rle, score in predictions
+    ]
+    (tmp_path / "segm.json").write_text(json.dumps(results))
+    out = tmp_path / "stats.json"
+    argv = ["--ann", str(tmp_path / "gt.json"), "--results", str(tmp_path / "segm.json")]
+    argv += ["--iou-types", "segm", "--nuclei-metrics", "--out", str(out)]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        coco_eval.main(argv)
+    nuclei = json.loads(out.read_text())["nuclei"]
+    assert "Nuclei measures" in printed.getvalue()
+    assert list(nuclei) == ["all", "tissue", "fluorescence"]
+    assert nuclei["tissue"]["aji"] == pytest.approx(12 / 40)
+    assert nuclei["tissue"]["pq"] == pytest.approx(0.6 * 0.5)
+    assert nuclei["fluorescence"]["dsb"] == nuclei["fluorescence"]["aji"] == 1.0
+    assert nuclei["all"]["dsb"] == pytest.approx((2 / 30 + 1) / 2)
+    assert nuclei["all"]["f1_iou50"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert nuclei["all"]["recall_iou50"] == pytest.approx(2 / 3)
+
+
+def test_nuclei_metrics_need_segm_results(files, capsys):
+    with pytest.raises(SystemExit):
+        coco_eval.main(
+            ["--ann", str(files["gt"]), "--results", str(files["bbox"]), "--nuclei-metrics"]
+        )
+    assert "--nuclei-metrics needs segm results" in capsys.readouterr().err

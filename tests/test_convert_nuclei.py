@@ -192,6 +192,15 @@ def test_cli_writes_both_splits_and_prints_train_flags(dsb_root, tmp_path, capsy
             assert not (out / split / img["file_name"]).is_symlink()
 
 
+def test_val_fraction_one_writes_one_evaluation_split(dsb_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_main(["--dsb", dsb_root[0], "--output", out, "--val-fraction", "1"])
+    assert "evaluate with: python train.py --test-only" in capsys.readouterr().out
+    coco = json.loads((out / "annotations" / "instances_val.json").read_text())
+    assert sorted(img["file_name"] for img in coco["images"]) == ["a1.png", "b2.png", "c3.png"]
+    assert not (out / "annotations" / "instances_train.json").exists()
+
+
 def expect_exit_2(argv, capsys, fragment):
     with pytest.raises(SystemExit) as excinfo:
         run_main(argv)
