@@ -1,4 +1,5 @@
-"""Shared fixtures: small COCO-format datasets written to temporary folders."""
+"""Shared fixtures: small COCO-format datasets written to temporary folders, and models trained
+on them once per session."""
 
 import json
 import os
@@ -15,6 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from datasets.make_demo import make_demo_dataset  # noqa: E402
+
+# The Mask R-CNN of quick runs: a narrow ResNet-18 FPN. Tests about the ResNet-50 default, and
+# U-Net runs, give their own --model.
+SMALL_MASKRCNN = ["--model", "maskrcnn_resnet18_fpn", "--fpn-channels", "16"]
+# A few quick iterations on the 64 px demo, with few proposals and ROIs.
+FAST = [
+    "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
+    "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
+    "--box-batch-size-per-image", "32", "--lr", "0.01", "--clip-grad-norm", "10", "--seed", "0",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +46,19 @@ def unet_checkpoint(demo_root, tmp_path_factory):
     argv += ["unet_resnet18", "--epochs", "6", "-b", "2", "-j", "0", "--min-size", "64"]
     argv += ["--max-size", "64", "--opt", "adamw", "--lr", "0.003", "--seed", "0"]
     argv += ["--eval-every", "6", "--print-freq", "10"]
+    train.main(train.get_args_parser().parse_args(argv))
+    return output_dir / "checkpoint.pth"
+
+
+@pytest.fixture(scope="session")
+def maskrcnn_checkpoint(demo_root, tmp_path_factory):
+    """SMALL_MASKRCNN trained for 2 FAST epochs on the 64 px demo, with --tensorboard; its output
+    folder (model_0.pth, model_best.pth, log.jsonl, ...) is the checkpoint's parent."""
+    import train
+
+    output_dir = tmp_path_factory.mktemp("maskrcnn")
+    argv = ["--data-path", str(demo_root), "--output-dir", str(output_dir), *SMALL_MASKRCNN, *FAST]
+    argv += ["--epochs", "2", "--tensorboard"]
     train.main(train.get_args_parser().parse_args(argv))
     return output_dir / "checkpoint.pth"
 

@@ -22,17 +22,15 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import FAST, ROOT, SMALL_MASKRCNN
 
 import train
 import utils
 from errors import ConfigError
 
-FAST = [
-    "-b", "1", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
-    "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
-    "--box-batch-size-per-image", "32", "--lr", "0.01", "--lr-steps", "2",
-    "--clip-grad-norm", "10", "--seed", "0",
+# One image per batch and an early rate step, on top of the shared quick run.
+RUN_FLAGS = [
+    *FAST, "-b", "1", "--lr-steps", "2",
     # Anchors the size of the demo's nuclei, and every detection kept: even a briefly trained
     # model then finds some.
     "--anchor-sizes", "8", "16", "32", "64", "128", "--box-score-thresh", "0",
@@ -100,8 +98,9 @@ def run_together(commands):
     return "".join(outputs)
 
 
-def script_args(data_root, output_dir, *extra):
-    return ["--data-path", str(data_root), "--output-dir", str(output_dir), *FAST, *extra]
+def script_args(data_root, output_dir, *extra, model=SMALL_MASKRCNN):
+    paths = ["--data-path", str(data_root), "--output-dir", str(output_dir)]
+    return [*paths, *model, *RUN_FLAGS, *extra]
 
 
 def read_log(output_dir):
@@ -275,14 +274,16 @@ def test_two_node_evaluation_equals_single_process_on_odd_image_count(
 def test_distributed_evaluation_of_a_unet_equals_single_process(
     demo_root, unet_checkpoint, tmp_path
 ):
-    evaluation = ["--test-only", "--resume", str(unet_checkpoint), "--model", "unet_resnet18"]
-    evaluation += ["--dsb-score", "--error-analysis"]
+    evaluation = ["--test-only", "--resume", str(unet_checkpoint), "--dsb-score"]
+    evaluation += ["--error-analysis"]
+    unet = ["--model", "unet_resnet18"]
     distributed_dir = tmp_path / "distributed"
     run_ok(
         [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", "train.py",
-         *script_args(demo_root, distributed_dir, *evaluation)]
+         *script_args(demo_root, distributed_dir, *evaluation, model=unet)]
     )  # fmt: skip
-    run_ok([sys.executable, "train.py", *script_args(demo_root, tmp_path / "single", *evaluation)])
+    single = script_args(demo_root, tmp_path / "single", *evaluation, model=unet)
+    run_ok([sys.executable, "train.py", *single])
     distributed = json.loads((distributed_dir / "eval.json").read_text())
     single = json.loads((tmp_path / "single" / "eval.json").read_text())
     assert json.loads((tmp_path / "single" / "results_segm.json").read_text()), "no detections"

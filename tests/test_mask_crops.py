@@ -90,7 +90,8 @@ def mask_rcnn():
     torch.manual_seed(0)
     args = models.model_defaults()
     vars(args).update(
-        model="maskrcnn_resnet50_fpn",
+        model="maskrcnn_resnet18_fpn",
+        fpn_channels=32,
         min_size=128,
         max_size=192,
         rpn_post_nms_top_n_test=100,

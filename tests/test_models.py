@@ -39,10 +39,15 @@ def test_an_unknown_model_is_a_one_line_error():
 @pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"])
 def test_anchor_sizes_reach_every_rcnn_builder(name):
     args = model_args("--model", name, "--anchor-sizes", "8", "16", "32", "64", "128")
-    model = models.get_model(args, 3).eval()
-    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
-    with torch.no_grad():
-        model([torch.rand(3, 64, 64)])  # the RPN head fits the anchors per location
+    with torch.device("meta"):  # shapes alone: no weights to initialise, no pixels to compute
+        model = models.get_model(args, 3)
+        features = list(model.backbone(torch.zeros(1, 3, 64, 64)).values())
+    generator = model.rpn.anchor_generator
+    assert generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    # The RPN head fits the anchors per location: as many as the generator makes, on every level.
+    objectness, box_deltas = model.rpn.head(features)
+    assert generator.num_anchors_per_location() == [o.shape[1] for o in objectness]
+    assert [d.shape[1] for d in box_deltas] == [4 * o.shape[1] for o in objectness]
 
 
 @pytest.mark.parametrize(("saved", "wanted"), [(3, 2), (2, 3)])
@@ -90,8 +95,9 @@ def test_inference_wrappers_follow_the_flags():
 
 
 def test_a_resnet50_rcnn_built_here_is_laid_out_as_torchvisions():
-    ours = models.get_model(model_args("--fpn-channels", "256"), 3).state_dict()
-    theirs = models.get_model(model_args(), 3).state_dict()
+    with torch.device("meta"):  # the layout alone: no weights to initialise
+        ours = models.get_model(model_args("--fpn-channels", "256"), 3).state_dict()
+        theirs = models.get_model(model_args(), 3).state_dict()
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 

@@ -10,10 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_coco
+from conftest import FAST, ROOT, SMALL_MASKRCNN, write_coco
 from PIL import Image
 from pycocotools import mask as mask_utils
-from test_train import FAST
 
 import models
 import overlays
@@ -215,7 +214,8 @@ def evaluate_ground_truth(export, evaluator_for, drop_last_of=()):
 
 def test_evaluation_maps_labels_back_to_category_ids(export):
     args = train.get_args_parser().parse_args(["--model", "maskrcnn_resnet50_fpn"])
-    mask_model = models.get_model(args, 5)
+    with torch.device("meta"):  # the evaluator reads what the model outputs, not its weights
+        mask_model = models.get_model(args, 5)
     stats = evaluate_ground_truth(
         export, lambda dataset: train.make_evaluator(args, mask_model, dataset, 5)
     )
@@ -249,8 +249,8 @@ def test_dsb_score_of_missed_objects(export):
     assert stats["dsb"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 1) / 5)
 
 
-def save_checkpoint(path, model_name, num_classes, **extra):
-    args = train.get_args_parser().parse_args(["--model", model_name])
+def save_checkpoint(path, model_argv, num_classes, **extra):
+    args = train.get_args_parser().parse_args(model_argv)
     model = models.get_model(args, num_classes)
     torch.save({"model": model.state_dict(), "args": vars(args), **extra}, path)
     return model.state_dict()
@@ -258,8 +258,10 @@ def save_checkpoint(path, model_name, num_classes, **extra):
 
 @pytest.mark.slow
 def test_fitting_weights_loads_all_but_the_class_layers(tmp_path, capsys):
-    saved = save_checkpoint(tmp_path / "three.pth", "maskrcnn_resnet50_fpn", 3)
-    args = train.get_args_parser().parse_args(["--weights", str(tmp_path / "three.pth")])
+    saved = save_checkpoint(tmp_path / "three.pth", SMALL_MASKRCNN, 3)
+    args = train.get_args_parser().parse_args(
+        [*SMALL_MASKRCNN, "--weights", str(tmp_path / "three.pth")]
+    )
     state = models.get_model(args, 5).state_dict()
     reinitialised = (
         "roi_heads.box_predictor.cls_score, roi_heads.box_predictor.bbox_pred, "
@@ -277,7 +279,8 @@ def test_fitting_weights_loads_all_but_the_class_layers(tmp_path, capsys):
 
 def test_replacing_predictors_keeps_the_mask_upsampling(capsys):
     args = train.get_args_parser().parse_args([])
-    model = models.get_model(args, 91)
+    with torch.device("meta"):  # the layout alone: no weights to initialise
+        model = models.get_model(args, 91)
     upsampling = model.roi_heads.mask_predictor.conv5_mask
     models.replace_class_layers(model, 4)
     assert model.roi_heads.mask_predictor.conv5_mask is upsampling
@@ -288,17 +291,18 @@ def test_replacing_predictors_keeps_the_mask_upsampling(capsys):
 
 @pytest.mark.slow
 def test_weights_that_do_not_fit_are_an_error_naming_the_tensor(tmp_path):
-    state = save_checkpoint(tmp_path / "ok.pth", "maskrcnn_resnet50_fpn", 3)
-    state["backbone.fpn.layer_blocks.0.0.weight"] = torch.zeros(256, 128, 3, 3)
+    state = save_checkpoint(tmp_path / "ok.pth", SMALL_MASKRCNN, 3)
+    state["backbone.fpn.layer_blocks.0.0.weight"] = torch.zeros(16, 8, 3, 3)
     torch.save({"model": state}, tmp_path / "changed.pth")
-    save_checkpoint(tmp_path / "faster.pth", "fasterrcnn_resnet50_fpn", 3)
-    args = train.get_args_parser().parse_args([])
+    faster = ["--model", "fasterrcnn_resnet18_fpn", "--fpn-channels", "16"]
+    save_checkpoint(tmp_path / "faster.pth", faster, 3)
+    args = train.get_args_parser().parse_args(SMALL_MASKRCNN)
     args.weights = str(tmp_path / "changed.pth")
     with pytest.raises(CheckpointError) as changed:
         models.get_model(args, 3)
     assert str(changed.value) == (
         f"--weights {args.weights}: tensor backbone.fpn.layer_blocks.0.0.weight has shape "
-        "(256, 128, 3, 3), the model expects (256, 256, 3, 3)"
+        "(16, 8, 3, 3), the model expects (16, 16, 3, 3)"
     )
     args.weights = str(tmp_path / "faster.pth")
     with pytest.raises(CheckpointError) as other_model:
@@ -307,14 +311,14 @@ def test_weights_that_do_not_fit_are_an_error_naming_the_tensor(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(export, tmp_path_factory):
-    """Two iterations on the export (16-bit images), from a 3-class checkpoint, with --dsb-score."""
+def fine_tuned(export, maskrcnn_checkpoint, tmp_path_factory):
+    """Two iterations on the export (16-bit images), from the demo's 3-class checkpoint, with
+    --dsb-score."""
     root = tmp_path_factory.mktemp("fine_tuned")
-    save_checkpoint(root / "three.pth", "maskrcnn_resnet50_fpn", 3)
     images, ann_file = export
     split = ["--train-ann", ann_file, "--train-images", images, "--val-ann", ann_file]
-    argv = [*split, "--val-images", images, "--output-dir", root / "out", *FAST]
-    argv += ["--epochs", "1", "--weights", root / "three.pth", "--dsb-score"]
+    argv = [*split, "--val-images", images, "--output-dir", root / "out", *SMALL_MASKRCNN, *FAST]
+    argv += ["--epochs", "1", "--weights", maskrcnn_checkpoint, "--dsb-score"]
     argv += ["--anchor-sizes", "8", "16", "32", "64", "128"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
@@ -341,8 +345,9 @@ def test_fine_tuning_on_the_export_logs_categories_and_dsb_score(fine_tuned):
 def test_test_only_writes_the_dsb_score_to_eval_json(export, fine_tuned, tmp_path):
     output_dir, _ = fine_tuned
     images, ann_file = export
-    argv = ["--val-ann", ann_file, "--val-images", images, "--output-dir", tmp_path, *FAST]
-    argv += ["--test-only", "--resume", output_dir / "checkpoint.pth", "--dsb-score"]
+    argv = ["--val-ann", ann_file, "--val-images", images, "--output-dir", tmp_path]
+    argv += [*SMALL_MASKRCNN, *FAST, "--test-only", "--resume", output_dir / "checkpoint.pth"]
+    argv += ["--dsb-score"]
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
     result = json.loads((tmp_path / "eval.json").read_text())

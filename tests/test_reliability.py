@@ -11,21 +11,15 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, write_coco, write_image
+from conftest import FAST, ROOT, SMALL_MASKRCNN, write_coco, write_image
 
 import train
 from errors import CommandError
 
-FAST = [
-    "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
-    "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
-    "--box-batch-size-per-image", "32", "--lr", "0.01", "--clip-grad-norm", "10", "--seed", "0",
-]  # fmt: skip
-
 
 def main_error(*argv):
     """The one-line message train.main stops with."""
-    args = train.get_args_parser().parse_args([*FAST, *argv])
+    args = train.get_args_parser().parse_args([*SMALL_MASKRCNN, *FAST, *argv])
     with pytest.raises(CommandError) as error:
         train.main(args)
     assert "\n" not in error.value.message
@@ -155,7 +149,7 @@ def test_bad_images_stop_training_naming_the_file(bad_image_data):
 @pytest.mark.slow
 def test_skip_bad_images_warns_counts_and_trains(bad_image_data, capsys):
     args = train.get_args_parser().parse_args(
-        [*FAST, *data_flags(bad_image_data), "--skip-bad-images", "-b", "1"]
+        [*SMALL_MASKRCNN, *FAST, *data_flags(bad_image_data), "--skip-bad-images", "-b", "1"]
     )
     train.main(args)
     out = capsys.readouterr().out
@@ -176,7 +170,7 @@ def reference_run(demo_root, tmp_path_factory):
 
 def cli_args(data_root, output_dir):
     return [
-        sys.executable, "train.py", *FAST, "--data-path", str(data_root),
+        sys.executable, "train.py", *SMALL_MASKRCNN, *FAST, "--data-path", str(data_root),
         "--output-dir", str(output_dir), "--epochs", "3", "--use-deterministic-algorithms",
         "--resume", "auto", "--checkpoint-every", "1", "--keep-last", "2",
     ]  # fmt: skip
@@ -292,7 +286,7 @@ def test_resume_errors_name_the_problem(demo_root, reference_run, tmp_path):
     assert "not a checkpoint of this repo" in main_error(*common, "--resume", str(foreign))
     checkpoint = str(reference_run / "model_2.pth")
     message = main_error(*common, "--resume", checkpoint, "--model", "fasterrcnn_resnet50_fpn")
-    assert "a maskrcnn_resnet50_fpn checkpoint, not fasterrcnn_resnet50_fpn" in message
+    assert "a maskrcnn_resnet18_fpn checkpoint, not fasterrcnn_resnet50_fpn" in message
     message = main_error(*common, "--resume", checkpoint, "--num-classes", "7")
     assert "trained for 3 classes, --num-classes is 7" in message
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import FAST, ROOT, SMALL_MASKRCNN
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,16 +17,10 @@ import recipes
 import train
 from engine import NonFiniteLossError
 
-FAST = [
-    "-b", "2", "-j", "0", "--min-size", "64", "--max-size", "64", "--print-freq", "1",
-    "--rpn-post-nms-top-n-train", "100", "--rpn-post-nms-top-n-test", "50",
-    "--box-batch-size-per-image", "32", "--lr", "0.01", "--clip-grad-norm", "10", "--seed", "0",
-]  # fmt: skip
 
-
-def run_main(data_root, output_dir, *extra):
+def run_main(data_root, output_dir, *extra, model=SMALL_MASKRCNN):
     args = train.get_args_parser().parse_args(
-        ["--data-path", str(data_root), "--output-dir", str(output_dir), *FAST, *extra]
+        ["--data-path", str(data_root), "--output-dir", str(output_dir), *model, *FAST, *extra]
     )
     train.main(args)
     return args
@@ -36,11 +30,9 @@ def read_log(output_dir):
     return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def trained(demo_root, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("trained")
-    run_main(demo_root, output_dir, "--epochs", "2", "--tensorboard")
-    return output_dir
+@pytest.fixture
+def trained(maskrcnn_checkpoint):
+    return maskrcnn_checkpoint.parent
 
 
 @pytest.mark.slow
@@ -188,7 +180,7 @@ def test_resume_continues_at_the_next_epoch(demo_root, trained, tmp_path):
 @pytest.mark.slow
 def test_resume_restores_optimizer_and_scheduler(demo_root, trained):
     checkpoint = torch.load(trained / "model_0.pth", weights_only=True)
-    args = train.get_args_parser().parse_args(["--epochs", "2", "--lr", "0.01"])
+    args = train.get_args_parser().parse_args([*SMALL_MASKRCNN, *FAST, "--epochs", "2"])
     model = models.get_model(args, checkpoint["num_classes"])
     model.load_state_dict(checkpoint["model"])
     optimizer = train.get_optimizer(args, model)
@@ -341,10 +333,8 @@ def test_unet_trains_through_the_same_loop_and_test_only_reproduces_it(
     assert {"loss_foreground", "loss_border", "loss_classifier"} <= records[0]["train"].keys()
     assert records[-1]["train"]["loss"] < records[0]["train"]["loss"]
     assert "segm" not in records[0] and len(records[-1]["segm"]) == 12  # --eval-every 6
-    run_main(
-        demo_root, tmp_path, "--model", "unet_resnet18", "--test-only",
-        "--resume", str(unet_checkpoint),
-    )  # fmt: skip
+    unet = ["--model", "unet_resnet18"]
+    run_main(demo_root, tmp_path, "--test-only", "--resume", str(unet_checkpoint), model=unet)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["bbox"] == records[-1]["bbox"] and result["segm"] == records[-1]["segm"]
 
@@ -353,8 +343,8 @@ def test_unet_trains_through_the_same_loop_and_test_only_reproduces_it(
 def test_unet_resumes_at_the_next_epoch(demo_root, unet_checkpoint, tmp_path):
     shutil.copy(unet_checkpoint.parent / "model_4.pth", tmp_path / "start.pth")
     run_main(
-        demo_root, tmp_path, "--model", "unet_resnet18", "--epochs", "6", "--opt", "adamw",
-        "--lr", "0.003", "--resume", str(tmp_path / "start.pth"),
+        demo_root, tmp_path, "--epochs", "6", "--opt", "adamw", "--lr", "0.003",
+        "--resume", str(tmp_path / "start.pth"), model=["--model", "unet_resnet18"],
     )  # fmt: skip
     (record,) = read_log(tmp_path)
     assert record["epoch"] == 5
