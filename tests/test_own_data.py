@@ -23,6 +23,7 @@ from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_offset_of, label_to_category_id, load_image
 from engine import evaluate
 from errors import CheckpointError
+from instance_metrics import image_dsb
 from presets import DetectionPresetEval
 
 SIZE = 64
@@ -209,7 +210,7 @@ def evaluate_ground_truth(export, evaluator_for, drop_last_of=()):
     metrics = train.image_metrics(train.get_args_parser().parse_args(["--dsb-score"]))
     with contextlib.redirect_stdout(io.StringIO()):
         stats = evaluate(model, loader, "cpu", evaluator_for(dataset), image_metrics=metrics)
-    return {**stats, "dsb": np.mean(list(stats["dsb"].values()))}
+    return {**stats, "dsb": np.mean([image_dsb(c) for c in stats["nuclei"].values()])}
 
 
 def test_evaluation_maps_labels_back_to_category_ids(export):
