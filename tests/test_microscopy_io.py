@@ -6,7 +6,6 @@ import pytest
 import tifffile
 import torch
 from conftest import write_image
-from PIL import Image
 from pycocotools import mask as mask_util
 
 import coco_utils
@@ -99,9 +98,7 @@ def test_every_plane_of_a_stack_is_an_image_of_its_own_or_the_one_asked_for(tmp_
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "TZYX"})
     planes = microscopy_io.read_planes(str(tmp_path / "s.tif"))
     assert [p.index for p in planes] == list(range(6))
-    assert all(
-        np.array_equal(p.raw[0], stack.reshape(6, 12, 10)[p.index]) for p in planes
-    )
+    assert all(np.array_equal(p.raw[0], stack.reshape(6, 12, 10)[p.index]) for p in planes)
     [fourth] = microscopy_io.read_planes(str(tmp_path / "s.tif"), plane=4)
     assert fourth.index == 4 and np.array_equal(fourth.raw[0], stack[1, 1])
     with pytest.raises(ConfigError, match="--plane 6: .* has planes 0 to 5"):
@@ -159,9 +156,7 @@ def test_rescaled_predictions_come_back_on_the_original_grid(factor):
     detections = bright_squares(scaled)
     dense = microscopy_io.to_original_grid(detections, scaled.shape[-2:], 64, 72)
     rles = [mask_util.encode(np.asfortranarray(m[0].numpy() > 0.5)) for m in detections["masks"]]
-    tiled = microscopy_io.to_original_grid(
-        {**detections, "masks": rles}, scaled.shape[-2:], 64, 72
-    )
+    tiled = microscopy_io.to_original_grid({**detections, "masks": rles}, scaled.shape[-2:], 64, 72)
     expected = [[left, top, right, bottom] for top, left, bottom, right in boxes]
     assert torch.allclose(dense["boxes"], torch.tensor(expected, dtype=torch.float32))
     for k, (top, left, bottom, right) in enumerate(boxes):
