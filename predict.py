@@ -42,11 +42,13 @@ channel(s) the model sees, and each plane of a stack (Z, T, ...) is an image of 
 <stem>_plane<N>.* (--plane N: that one only). When both the image's pixel size (--pixel-size, or
 the file's OME/ImageJ/TIFF metadata) and the model's (train.py --train-pixel-size) are known,
 images are rescaled to the model's scale and the results mapped back to their own pixels; the
-scale used is printed once. An R-CNN resizes its input to its --min-size itself, so this matters
-for models run at native scale and for --tile, whose windows it sees as they are.
+scale used is printed once. An R-CNN also resizes each input (or --tile window) to its
+--min-size: at the model's pixel size and with --tile the size of its training images, objects
+reach it at the scale it learned.
 
 Scores. A Mask R-CNN's score is its box classifier's softmax probability of the class; the
-U-Net's is the mean foreground probability over the instance; the ensemble's is its combiner's
+U-Net's is its instance's mean foreground probability (times its mean category probability
+with several categories); the ensemble's is its combiner's
 predicted mask IoU with the ground truth (its baseline mode: a fixed rule of the two scores).
 None is a calibrated probability of being a true nucleus; benchmarks/calibration.py measures
 how far each is from one.
