@@ -27,6 +27,7 @@ boxes scaled, probability masks resized, RLE masks (tiled inference) resampled i
 instance from their crops, so no full-size mask is made.
 """
 
+import os
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
@@ -104,10 +105,14 @@ def channel_list(text):
     return channels
 
 
+def is_tiff(path):
+    return path.lower().endswith(TIFF_EXTENSIONS)
+
+
 def check_readable(path):
     """Fails on a file that is no image, reading only its header."""
     try:
-        if path.lower().endswith(TIFF_EXTENSIONS):
+        if is_tiff(path):
             with tifffile.TiffFile(path) as tif:
                 first_series(tif, path)
         else:
@@ -117,10 +122,17 @@ def check_readable(path):
         raise DataError(f"{path}: cannot read image ({e})") from None
 
 
+def file_stem(path):
+    """The file name without its extension, nor the .ome of an OME-TIFF."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem.removesuffix(".ome") if is_tiff(path) else stem
+
+
 def read_planes(path, channels=None, plane=None, pixel_size=None):
-    """The file's planes (all, or the one numbered `plane`) as Plane records."""
+    """The file's planes (all, or the one numbered `plane`) as Plane records, one at a time: a
+    stack's model inputs are made as they are used."""
     try:
-        if path.lower().endswith(TIFF_EXTENSIONS):
+        if is_tiff(path):
             stack, axes, file_size, source = read_tiff(path)
         else:
             stack, axes, file_size, source = read_flat_image(path)
@@ -133,14 +145,12 @@ def read_planes(path, channels=None, plane=None, pixel_size=None):
         raise ConfigError(f"--plane {plane}: {path} has planes 0 to {len(planes) - 1}")
     if len(planes) == 1:
         # PNG and JPEG files reach the model as coco_utils.load_image read them for training.
-        flat = channels is None and not path.lower().endswith(TIFF_EXTENSIONS)
+        flat = channels is None and not is_tiff(path)
         image = load_image(path) if flat else model_image(planes[0], channels, path)
-        return [Plane(planes[0], image, file_size, source)]
-    numbers = range(len(planes)) if plane is None else [plane]
-    return [
-        Plane(planes[n], model_image(planes[n], channels, path), file_size, source, n)
-        for n in numbers
-    ]
+        yield Plane(planes[0], image, file_size, source)
+        return
+    for n in range(len(planes)) if plane is None else [plane]:
+        yield Plane(planes[n], model_image(planes[n], channels, path), file_size, source, n)
 
 
 def read_tiff(path):
@@ -164,7 +174,7 @@ def read_flat_image(path):
         if image.mode not in ("L", "RGB", "I;16", "I;16B", "I;16L", "I", "F"):
             image = image.convert("RGB")
         array = np.asarray(image)
-    return array, "YXS" if array.ndim == 3 else "YX", None, "none in the file"
+    return array, "YXS" if array.ndim == 3 else "YX", None, "no pixel size in the file"
 
 
 def tiff_pixel_size(tif):
@@ -221,8 +231,8 @@ def model_image(raw, channels, path):
     if len(chosen) > MODEL_CHANNELS:
         raise ConfigError(f"{path} has {len(raw)} channels: choose up to 3 with --channels")
     scaled = [scaled_channel(raw[c]) for c in chosen]
-    if len(scaled) == 1:
-        scaled *= MODEL_CHANNELS
+    if len(scaled) == 1:  # a view, not three copies: tiling reads a large image window by window
+        return tv_tensors.Image(scaled[0].expand(MODEL_CHANNELS, -1, -1))
     scaled += [torch.zeros_like(scaled[0])] * (MODEL_CHANNELS - len(scaled))
     return tv_tensors.Image(torch.cat(scaled))
 

@@ -48,7 +48,7 @@ def test_label_tiffs_keep_their_values_and_pixel_size(tmp_path, dtype):
     [plane] = microscopy_io.read_planes(path)
     assert plane.pixel_size == pytest.approx(0.65)
     label_tiff.write_label_tiff(path, labels)
-    assert microscopy_io.read_planes(path)[0].pixel_size is None
+    assert next(microscopy_io.read_planes(path)).pixel_size is None
 
 
 def random_masks(count, height, width, seed):
@@ -242,7 +242,7 @@ def test_predict_writes_labels_geojson_and_measurements_for_each_plane_of_a_stac
         labels = tifffile.imread(f"{stem}_labels.tif")
         assert labels.max() == len(records) > 5
         assert np.array_equal(labels, np.asarray(predict.Image.open(f"{stem}_labels.png")))
-        assert microscopy_io.read_planes(f"{stem}_labels.tif")[0].pixel_size == 0.5
+        assert next(microscopy_io.read_planes(f"{stem}_labels.tif")).pixel_size == 0.5
         features = json.loads((out / f"cells_plane{z}.geojson").read_text())["features"]
         rows = read_csv(f"{stem}_measurements.csv")
         assert len(features) == len(rows) == len(records) == int(summary[z]["count"])

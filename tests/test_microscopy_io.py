@@ -67,7 +67,7 @@ def test_imagej_and_centimetre_resolution_give_the_pixel_size_and_inches_do_not(
     )
     tifffile.imwrite(tmp_path / "dpi.tif", data, resolution=(72.0, 72.0), resolutionunit="INCH")
     sizes = {
-        name: microscopy_io.read_planes(str(tmp_path / name))[0].pixel_size
+        name: next(microscopy_io.read_planes(str(tmp_path / name))).pixel_size
         for name in ("ij.tif", "cm.tif", "dpi.tif")
     }
     assert sizes["ij.tif"] == pytest.approx(0.25)
@@ -86,9 +86,9 @@ def test_channels_choose_what_the_model_sees_and_every_channel_stays_for_measuri
     assert torch.equal(pair.image[0], torch.from_numpy(data[2]))
     assert torch.equal(pair.image[1], torch.from_numpy(data[1])) and pair.image[2].max() == 0
     with pytest.raises(ConfigError, match="choose up to 3 with --channels"):
-        microscopy_io.read_planes(path)
+        next(microscopy_io.read_planes(path))
     with pytest.raises(ConfigError, match="has 4 channel"):
-        microscopy_io.read_planes(path, channels=[4])
+        next(microscopy_io.read_planes(path, channels=[4]))
     with pytest.raises(ConfigError, match="--channels"):
         microscopy_io.channel_list("0,x")
 
@@ -96,21 +96,22 @@ def test_channels_choose_what_the_model_sees_and_every_channel_stays_for_measuri
 def test_every_plane_of_a_stack_is_an_image_of_its_own_or_the_one_asked_for(tmp_path):
     stack = ramp((2, 3, 12, 10), np.uint16)  # TZYX: 6 planes
     tifffile.imwrite(tmp_path / "s.tif", stack, imagej=True, metadata={"axes": "TZYX"})
-    planes = microscopy_io.read_planes(str(tmp_path / "s.tif"))
+    planes = list(microscopy_io.read_planes(str(tmp_path / "s.tif")))
     assert [p.index for p in planes] == list(range(6))
     assert all(np.array_equal(p.raw[0], stack.reshape(6, 12, 10)[p.index]) for p in planes)
     [fourth] = microscopy_io.read_planes(str(tmp_path / "s.tif"), plane=4)
     assert fourth.index == 4 and np.array_equal(fourth.raw[0], stack[1, 1])
     with pytest.raises(ConfigError, match="--plane 6: .* has planes 0 to 5"):
-        microscopy_io.read_planes(str(tmp_path / "s.tif"), plane=6)
+        next(microscopy_io.read_planes(str(tmp_path / "s.tif"), plane=6))
 
 
 def test_a_file_that_is_no_image_is_a_one_line_data_error_naming_it(tmp_path):
-    for name in ("x.tif", "x.png"):
-        (tmp_path / name).write_bytes(b"II*\x00 broken" if name.endswith("tif") else b"nope")
-        for read in (microscopy_io.check_readable, microscopy_io.read_planes):
+    for name, content in (("x.tif", b"II*\x00 broken"), ("x.png", b"nope")):
+        path = str(tmp_path / name)
+        (tmp_path / name).write_bytes(content)
+        for read in (microscopy_io.check_readable, lambda p: list(microscopy_io.read_planes(p))):
             with pytest.raises(DataError, match=f"{name}: cannot read image") as error:
-                read(str(tmp_path / name))
+                read(path)
             assert "\n" not in error.value.message
 
 
