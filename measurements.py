@@ -1,6 +1,6 @@
 """Per-object measurements and per-image summaries as CSV rows, from each instance's crop.
 
-    rows = object_rows(crops, scores, category_names, raw, pixel_size, model_name, image)
+    rows = object_rows(crops, scores, category_names, model_names, raw, pixel_size, image)
 
 One row per object, a CSV file per image (`OBJECT_COLUMNS`, then the mean and maximum of each
 channel): object_id (its value in the label image), the centroid (x, y in pixels, from the
@@ -74,10 +74,11 @@ def object_row(crop, raw, pixel_size):
     return row
 
 
-def object_rows(crops, scores, category_names, raw, pixel_size, model_name, image, plane=None):
+def object_rows(crops, scores, category_names, model_names, raw, pixel_size, image, plane=None):
     """A row per instance with pixels, object_id k + 1 for the k-th crop."""
     rows = []
-    for k, (crop, score, name) in enumerate(zip(crops, scores, category_names, strict=True)):
+    objects = zip(crops, scores, category_names, model_names, strict=True)
+    for k, (crop, score, name, model_name) in enumerate(objects):
         if not crop.mask.any():
             continue
         row = {"image": image, "plane": plane, "object_id": k + 1, "category": name}

@@ -294,7 +294,7 @@ def write_label_images(args, stem, labels, pixel_size):
             print(f"{path} left out: {labels.max()} objects exceed a 16-bit PNG; see the .tif")
 
 
-def write_object_tables(args, stem, plane, detections, records, model_name, file_name):
+def write_object_tables(args, stem, plane, detections, records, checkpoint, file_name):
     """<stem>.geojson and <stem>_measurements.csv as asked; returns the image's summary row (None
     without --measurements)."""
     if not (args.geojson or args.measurements) or "masks" not in detections:
@@ -310,7 +310,14 @@ def write_object_tables(args, stem, plane, detections, records, model_name, file
     if not args.measurements:
         return None
     rows = measurements.object_rows(
-        crops, scores, categories, plane.raw, plane.pixel_size, model_name, file_name, plane.index
+        crops,
+        scores,
+        categories,
+        object_models(detections, checkpoint, args.weights),
+        plane.raw,
+        plane.pixel_size,
+        file_name,
+        plane.index,
     )
     columns = measurements.OBJECT_COLUMNS
     measurements.write_csv(f"{stem}_measurements.csv", rows, columns)
@@ -353,7 +360,6 @@ def run(args):
     offset = checkpoint.get("label_offset", 0)
     known_labels = [category_id + offset for category_id in names] if names else None
     train_pixel_size = checkpoint.get("args", {}).get("train_pixel_size")
-    model_name = model_description(checkpoint, args.weights)
     os.makedirs(args.output, exist_ok=True)
     results, per_image, summaries, said = [], [], [], set()
     image_id = 0
@@ -375,7 +381,7 @@ def run(args):
                 stem += f"_plane{plane.index}"
             masks = write_outputs(args, stem, image, detections, records, names, plane.pixel_size)
             summary = write_object_tables(
-                args, stem, plane, detections, records, model_name, file_name
+                args, stem, plane, detections, records, checkpoint, file_name
             )
             if summary is not None:
                 summaries.append(summary)
@@ -410,11 +416,16 @@ def say_once(said, line):
         print(line)
 
 
-def model_description(checkpoint, weights):
-    """What the measurements name as the objects' model: its architecture, or "ensemble"."""
-    if checkpoint.get("kind") == "ensemble":
-        return "ensemble"
-    return checkpoint.get("args", {}).get("model") or os.path.basename(weights)
+def object_models(detections, checkpoint, weights):
+    """The model each detection came from: the checkpoint's architecture, or for an ensemble
+    "ensemble:" and the architecture of the member whose candidate it was."""
+    if "sources" in detections:
+        sources = checkpoint["sources"]
+        return [f"ensemble:{sources[source]}" for source in detections["sources"].tolist()]
+    if checkpoint.get("kind") == "ensemble":  # tiled or flipped views keep no sources
+        return ["ensemble"] * len(detections["scores"])
+    name = checkpoint.get("args", {}).get("model") or os.path.basename(weights)
+    return [name] * len(detections["scores"])
 
 
 def main(argv=None):

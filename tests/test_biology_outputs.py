@@ -139,7 +139,7 @@ def test_measurements_of_a_rectangle_are_those_computed_by_hand():
     mask = np.zeros((1, 1, 10, 12), dtype=bool)
     mask[0, 0, 2:6, 3:9] = True
     crops = list(instance_crops.crops(torch.from_numpy(mask).float(), 10, 12))
-    [row] = measurements.object_rows(crops, [0.75], ["nucleus"], raw, 0.5, "unet", "x.tif")
+    [row] = measurements.object_rows(crops, [0.75], ["nucleus"], ["unet"], raw, 0.5, "x.tif")
     assert row["object_id"] == 1 and row["score"] == 0.75 and row["model"] == "unet"
     assert (row["centroid_x"], row["centroid_y"]) == (5.5, 3.5)
     assert row["area_px"] == 24 and row["area_um2"] == pytest.approx(24 * 0.25)
@@ -158,6 +158,20 @@ def test_measurements_of_a_rectangle_are_those_computed_by_hand():
     assert summary["mean_area_um2"] == pytest.approx(5.0)
     unknown = measurements.summary_row([row], 10, 12, None, "x.tif")
     assert "density_per_mm2" not in unknown and unknown["density_per_megapixel"] == 1e6 / 120
+
+
+def test_objects_are_credited_to_the_model_or_the_ensemble_member_they_came_from():
+    ensemble = {"kind": "ensemble", "sources": {0: "maskrcnn_resnet50_fpn", 1: "unet_resnet18"}}
+    found = {"scores": torch.tensor([0.9, 0.8, 0.7]), "sources": torch.tensor([1, 0, 1])}
+    assert predict.object_models(found, ensemble, "e.pth") == [
+        "ensemble:unet_resnet18",
+        "ensemble:maskrcnn_resnet50_fpn",
+        "ensemble:unet_resnet18",
+    ]
+    tiled = {"scores": found["scores"]}
+    assert predict.object_models(tiled, ensemble, "e.pth") == ["ensemble"] * 3
+    checkpoint = {"args": {"model": "unet_resnet18"}}
+    assert predict.object_models(tiled, checkpoint, "c.pth") == ["unet_resnet18"] * 3
 
 
 class BrightBlobs(torch.nn.Module):
