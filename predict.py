@@ -75,6 +75,7 @@ import microscopy_io
 import models
 import overlays
 import qupath_geojson
+import tiling
 from coco_results import MASK_THRESHOLD, prediction_records
 from coco_utils import (
     image_path,
@@ -179,7 +180,10 @@ def predict_image(model, image, device, score_thresh, labels=None):
     torchvision Mask R-CNN returns its masks as RLE, pasted box by box (mask_crops.py).
     """
     choose = functools.partial(kept_in_order, score_thresh=score_thresh, labels=labels)
-    mask_crops.keep_freed_memory()
+    if isinstance(model, TiledModel):
+        tiling.map_large_blocks()
+    else:
+        mask_crops.keep_freed_memory()
     if mask_crops.is_mask_rcnn(model):
         return mask_crops.predict(model, engine.images_to_device([image], device)[0], choose)
     # A tiled model converts its windows to float one by one, never the whole (large) image.
