@@ -48,10 +48,9 @@ reach it at the scale it learned.
 
 Scores. A Mask R-CNN's score is its box classifier's softmax probability of the class; the
 U-Net's is its instance's mean foreground probability (times its mean category probability
-with several categories); the ensemble's is its combiner's
-predicted mask IoU with the ground truth (its baseline mode: a fixed rule of the two scores).
-None is a calibrated probability of being a true nucleus; benchmarks/calibration.py measures
-how far each is from one.
+with several categories); the ensemble's is its combiner's predicted mask IoU with the ground
+truth (its baseline mode: a fixed rule of the two scores). None is a calibrated probability of
+being a true nucleus; benchmarks/calibration.py measures how far each is from one.
 """
 
 import argparse
@@ -75,7 +74,6 @@ import microscopy_io
 import models
 import overlays
 import qupath_geojson
-import tiling
 from coco_results import MASK_THRESHOLD, prediction_records
 from coco_utils import (
     image_path,
@@ -84,7 +82,7 @@ from coco_utils import (
 )
 from errors import ConfigError, DataError, one_line_errors
 from progress import progress
-from tiling import TiledModel, check_tiling
+from tiling import TiledModel, check_tiling, map_large_blocks
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 # Overlays need each instance's full-size mask; tiled predictions of huge images skip them.
@@ -181,7 +179,7 @@ def predict_image(model, image, device, score_thresh, labels=None):
     """
     choose = functools.partial(kept_in_order, score_thresh=score_thresh, labels=labels)
     if isinstance(model, TiledModel):
-        tiling.map_large_blocks()
+        map_large_blocks()
     else:
         mask_crops.keep_freed_memory()
     if mask_crops.is_mask_rcnn(model):
