@@ -52,7 +52,8 @@ score) down to `min_quality`, skipping one whose mask IoU with one already kept 
 instance left with fewer than `min_area` pixels or under `min_kept_fraction` of its own is
 dropped: output instances never share a pixel. Outputs are torchvision's (boxes, labels,
 scores = predicted quality, masks [N, 1, H, W] of 0 and 1), so engine.evaluate and predict.py
-run an EnsembleModel as they run either model.
+run an EnsembleModel as they run either model; `sources` [N] says which model's candidate each
+instance was (MASKRCNN or UNET, named in the loaded file's "sources").
 
 Baseline. Mask R-CNN and U-Net candidates matched one to one at mask IoU > `agree_iou` are kept
 with the U-Net's mask (finer than Mask R-CNN's 28 x 28 one) and score 0.75 + 0.25 x their mean
@@ -324,6 +325,7 @@ def detections(candidates, resolved, quality, device):
         "labels": torch.as_tensor(candidates["labels"][indices], device=device).long(),
         "scores": torch.as_tensor(quality[indices], dtype=torch.float32, device=device),
         "masks": torch.from_numpy(masks[:, None]).to(device),
+        "sources": torch.as_tensor(candidates["source"][indices], device=device).long(),
     }
 
 
@@ -488,7 +490,8 @@ def ensemble_from_checkpoint(record, path, device="cpu", mode="learned"):
     info = {
         key: record["maskrcnn"][key] for key in ("num_classes", "category_names", "label_offset")
     }
-    return model, {"kind": "ensemble", "fit": record["fit"], **info}
+    sources = {MASKRCNN: record["maskrcnn"]["args"]["model"], UNET: record["unet"]["args"]["model"]}
+    return model, {"kind": "ensemble", "fit": record["fit"], "sources": sources, **info}
 
 
 def load_ensemble(path, device="cpu", mode="learned"):

@@ -28,6 +28,7 @@ class LoadedModel:
     label_offset: int
     num_classes: int | None  # classes the model was built for, background included
     args: dict  # train.py's flags the model was trained with; {} for other files
+    sources: dict = dataclasses.field(default_factory=dict)  # ensemble: {source: member model}
 
 
 def load(path, device="cpu"):
@@ -41,7 +42,8 @@ def load(path, device="cpu"):
     if isinstance(record, dict) and record.get("kind") == "ensemble":
         model, info = ensemble.ensemble_from_checkpoint(record, path, device)
         names, offset = info["category_names"] or {}, info["label_offset"]
-        return LoadedModel(model, "ensemble", names, offset, info["num_classes"], {})
+        num_classes, sources = info["num_classes"], info["sources"]
+        return LoadedModel(model, "ensemble", names, offset, num_classes, {}, sources)
     checkpoint = checkpointing.checked_checkpoint(record, path)
     model = models.model_from_checkpoint(checkpoint, path).to(device).eval()
     return LoadedModel(

@@ -11,8 +11,12 @@ r"""Runs a checkpoint written by train.py on images, writing results people and 
     <stem>_labels.png   instance label image, uint16: 0 is background and k the image's k-th
                         detection by descending score (its k-th record in results.json); where
                         masks overlap the higher score wins, so a fully hidden detection leaves
-                        no pixel. --label-format tif writes <stem>_labels.tif instead. Mask models
-                        only.
+                        no pixel. --label-format tif (or png tif) writes <stem>_labels.tif, with
+                        the pixel size in it and uint32 past 65,535 objects, which a PNG cannot
+                        hold (label_tiff.py). Mask models only.
+    <stem>.geojson      with --geojson: the instances as QuPath detections (qupath_geojson.py)
+    <stem>_measurements.csv  with --measurements: a row per object (centroid, area, perimeter,
+                        shape, intensity per channel, score, model; measurements.py)
     <stem>_errors.png   with --ann: ground truth and predictions coloured by error kind
                         (true positive, missed, extra, split, merged), with a legend
 and once for all images:
@@ -21,6 +25,7 @@ and once for all images:
     errors.csv          with --ann: each image's counts per error kind and its F1 at IoU 0.5
                         and 0.7; errors.json holds the summary, printed at the end (see
                         error_analysis.py for how each kind is decided)
+    summary.csv         with --measurements: each image's count, density and mean area
 
 Image ids are 1, 2, ... in sorted file-name order; file_name is the path under --input. A
 detection is kept when its score is at least --score-thresh and its label is one of the
@@ -31,6 +36,21 @@ reach the merge; with --tta each flipped view keeps all of its detections. The m
 (architecture, number of classes, category names, input sizes, anchor sizes, ...) is rebuilt from
 the checkpoint, and images are read as in training (coco_utils.load_image): 8-bit files as they
 are, 16/32-bit grey ones scaled per image between their 0.1 and 99.9 percentiles.
+
+Microscopy files (microscopy_io.py): TIFF and OME-TIFF of any bit depth; --channels picks the
+channel(s) the model sees, and each plane of a stack (Z, T, ...) is an image of its own,
+<stem>_plane<N>.* (--plane N: that one only). When both the image's pixel size (--pixel-size, or
+the file's OME/ImageJ/TIFF metadata) and the model's (train.py --train-pixel-size) are known,
+images are rescaled to the model's scale and the results mapped back to their own pixels; the
+scale used is printed once. An R-CNN also resizes each input (or --tile window) to its
+--min-size: at the model's pixel size and with --tile the size of its training images, objects
+reach it at the scale it learned.
+
+Scores. A Mask R-CNN's score is its box classifier's softmax probability of the class; the
+U-Net's is its instance's mean foreground probability (times its mean category probability
+with several categories); the ensemble's is its combiner's predicted mask IoU with the ground
+truth (its baseline mode: a fixed rule of the two scores). None is a calibrated probability of
+being a true nucleus; benchmarks/calibration.py measures how far each is from one.
 """
 
 import argparse
@@ -46,23 +66,27 @@ from torchvision.transforms.v2 import functional as F
 
 import engine
 import error_analysis
+import instance_crops
+import label_tiff
 import loading
 import mask_crops
+import measurements
+import microscopy_io
 import models
 import overlays
+import qupath_geojson
 import utils
 from coco_results import prediction_records
 from coco_utils import (
     image_path,
-    load_image,
     read_annotation_file,
     segmentation_to_mask,
 )
 from commands import add_device_arg, one_line_errors
 from errors import ConfigError, DataError
-from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD, rle_to_crop
+from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD
 from progress import progress
-from tiling import TiledModel, check_tiling
+from tiling import TiledModel, check_tiling, map_large_blocks
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 # Overlays need each instance's full-size mask; tiled predictions of huge images skip them.
@@ -86,7 +110,20 @@ def get_args_parser():
         help="keep detections scoring at least this",
     )
     parser.add_argument(
-        "--label-format", default="png", choices=["png", "tif"], help="label image file format"
+        "--label-format",
+        default=["png"],
+        nargs="+",
+        choices=["png", "tif"],
+        help="label image file format(s): png, tif (with the pixel size; uint32 past 65,535 "
+        "objects) or both",
+    )
+    parser.add_argument(
+        "--geojson", action="store_true", help="write <stem>.geojson, QuPath detections"
+    )
+    parser.add_argument(
+        "--measurements",
+        action="store_true",
+        help="write <stem>_measurements.csv (a row per object) and summary.csv",
     )
     parser.add_argument(
         "--overlay-text",
@@ -101,6 +138,7 @@ def get_args_parser():
         "analysis against it (<stem>_errors.png, errors.csv, errors.json)",
     )
     models.add_inference_args(parser)
+    microscopy_io.add_microscopy_args(parser)
     return parser
 
 
@@ -127,11 +165,7 @@ def list_images(path):
 def check_header(path, name):
     """Fails on a file that is no image before the model is built; damage inside an image shows
     when it is read."""
-    try:
-        with Image.open(path):
-            pass
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    microscopy_io.check_readable(path)
     return path, name
 
 
@@ -156,7 +190,10 @@ def predict_image(model, image, device, score_thresh, labels=None):
     torchvision Mask R-CNN returns its masks as RLE, pasted box by box (mask_crops.py).
     """
     choose = functools.partial(kept_in_order, score_thresh=score_thresh, labels=labels)
-    mask_crops.keep_freed_memory()
+    if isinstance(model, TiledModel):
+        map_large_blocks()
+    else:
+        mask_crops.keep_freed_memory()
     if mask_crops.is_mask_rcnn(model):
         return mask_crops.predict(model, engine.images_to_device([image], device)[0], choose)
     # A tiled model converts its windows to float one by one, never the whole (large) image.
@@ -222,15 +259,13 @@ def captions_of(records, names):
     return [f"{r['category_name']} {r['score']:.2f}" for r in records]
 
 
-def write_outputs(args, stem, image, detections, records, names):
+def write_outputs(args, stem, image, detections, records, names, pixel_size=None):
     """<stem>_overlay.png and, for mask models, <stem>_labels.<format>; returns the [N, H, W]
     masks, or None when the image is too large to hold them (tiled inference)."""
     height, width = image.shape[-2:]
     masks = binary_masks(detections, height, width)
     if "masks" in detections:
-        save_array(
-            label_image(detections["masks"], height, width), f"{stem}_labels.{args.label_format}"
-        )
+        write_label_images(args, stem, label_image(detections["masks"], height, width), pixel_size)
     if masks is None:
         print(f"{stem}_overlay.png left out: {len(records)} masks of {width}x{height} px exceed "
               f"{OVERLAY_BYTES >> 20} MiB")  # fmt: skip
@@ -257,15 +292,50 @@ def binary_masks(detections, height, width):
 
 
 def label_image(masks, height, width):
-    """uint16 labels: k + 1 on the pixels of detection k, the higher score winning overlaps;
-    RLE masks (tiled inference) are painted box by box, never decoded whole."""
-    if not isinstance(masks, list):
-        return instance_labels(masks[:, 0] > MASK_THRESHOLD).numpy().astype(np.uint16)
-    labels = np.zeros((height, width), dtype=np.uint16)
-    for k in range(len(masks) - 1, -1, -1):
-        x, y, w, h = (int(v) for v in mask_util.toBbox(masks[k]))
-        labels[y : y + h, x : x + w][rle_to_crop(masks[k], y, x, y + h, x + w)] = k + 1
-    return labels
+    """uint16 labels (uint32 past 65,535 detections): k + 1 on the pixels of detection k, the
+    higher score winning overlaps; painted crop by crop, never a full-size mask."""
+    return instance_crops.label_image(masks, height, width, label_tiff.label_dtype(len(masks)))
+
+
+def write_label_images(args, stem, labels, pixel_size):
+    for label_format in args.label_format:
+        path = f"{stem}_labels.{label_format}"
+        if label_format == "tif":
+            label_tiff.write_label_tiff(path, labels, pixel_size)
+        elif labels.dtype == np.uint16:
+            save_array(labels, path)
+        else:
+            print(f"{path} left out: {labels.max()} objects exceed a 16-bit PNG; see the .tif")
+
+
+def write_object_tables(args, stem, plane, detections, records, loaded, file_name):
+    """<stem>.geojson and <stem>_measurements.csv as asked; returns the image's summary row (None
+    without --measurements)."""
+    if not (args.geojson or args.measurements) or "masks" not in detections:
+        return None
+    height, width = plane.raw.shape[-2:]
+    crops = list(instance_crops.crops(detections["masks"], height, width))
+    scores = [r["score"] for r in records]
+    categories = [r["category_name"] for r in records]
+    object_ids = range(1, len(records) + 1)
+    if args.geojson:
+        found = qupath_geojson.features(crops, scores, categories, object_ids)
+        qupath_geojson.write_geojson(f"{stem}.geojson", found)
+    if not args.measurements:
+        return None
+    rows = measurements.object_rows(
+        crops,
+        scores,
+        categories,
+        object_models(detections, loaded, args.weights),
+        plane.raw,
+        plane.pixel_size,
+        file_name,
+        plane.index,
+    )
+    columns = measurements.OBJECT_COLUMNS
+    measurements.write_csv(f"{stem}_measurements.csv", rows, columns)
+    return measurements.summary_row(rows, height, width, plane.pixel_size, file_name, plane.index)
 
 
 def analyse_errors(truth, file_name, image, masks, stem):
@@ -303,32 +373,71 @@ def run(args):
         raise ConfigError(f"--ann: the error analysis needs a mask model, not {args.weights}")
     names, offset = loaded.category_names, loaded.label_offset
     known_labels = [category_id + offset for category_id in names] if names else None
+    train_pixel_size = loaded.args.get("train_pixel_size")
     os.makedirs(args.output, exist_ok=True)
-    results, per_image = [], []
-    for image_id, (path, file_name) in enumerate(
-        progress(inputs, desc="predict", unit="image"), start=1
-    ):
-        try:
-            image = load_image(path)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{path}: cannot read image ({e})") from None
-        detections = predict_image(model, image, device, args.score_thresh, known_labels)
-        label_to_category = {label: label - offset for label in detections["labels"].tolist()}
-        records = prediction_records(
-            detections, image_id, label_to_category, names, {"file_name": file_name}
-        )
-        results.extend(records)
-        stem = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0])
-        masks = write_outputs(args, stem, image, detections, records, names)
-        if truth is not None:
-            per_image.append(analyse_errors(truth, file_name, image, masks, stem))
+    results, per_image, summaries, said = [], [], [], set()
+    image_id = 0
+    for path, file_name in progress(inputs, desc="predict", unit="image"):
+        for plane in microscopy_io.read_planes(path, args.channels, args.plane, args.pixel_size):
+            image_id += 1
+            image = plane.image
+            detections = predict_at_model_scale(
+                model, plane, train_pixel_size, device, args.score_thresh, known_labels, said
+            )
+            label_to_category = {label: label - offset for label in detections["labels"].tolist()}
+            extra = {"file_name": file_name}
+            if plane.index is not None:
+                extra["plane"] = plane.index
+            records = prediction_records(detections, image_id, label_to_category, names, extra)
+            results.extend(records)
+            stem = os.path.join(args.output, microscopy_io.file_stem(path))
+            if plane.index is not None:
+                stem += f"_plane{plane.index}"
+            masks = write_outputs(args, stem, image, detections, records, names, plane.pixel_size)
+            summary = write_object_tables(args, stem, plane, detections, records, loaded, file_name)
+            if summary is not None:
+                summaries.append(summary)
+            if truth is not None:
+                per_image.append(analyse_errors(truth, file_name, image, masks, stem))
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(results, f)
+    if args.measurements:
+        summary_path = os.path.join(args.output, "summary.csv")
+        measurements.write_csv(summary_path, summaries, measurements.SUMMARY_COLUMNS)
     if truth is not None:
         write_error_summary(args.output, [name for _, name in inputs], per_image)
-    print(
-        f"wrote {len(inputs)} image(s), {len(results)} detections and results.json to {args.output}"
-    )
+    print(f"wrote {image_id} image(s), {len(results)} detections and results.json to {args.output}")
+
+
+def predict_at_model_scale(model, plane, train_pixel_size, device, score_thresh, labels, said):
+    """predict_image on a plane rescaled to the model's pixel size, the detections mapped back
+    to the plane's own pixels; says once which scale was used."""
+    factor, notice = microscopy_io.scale_factor(plane.pixel_size, train_pixel_size)
+    say_once(said, notice)
+    if plane.pixel_size is not None:
+        say_once(said, f"pixel size: {plane.pixel_size:g} um/px from {plane.pixel_size_source}")
+    height, width = plane.image.shape[-2:]
+    scaled = microscopy_io.rescale(plane.image, factor)
+    detections = predict_image(model, scaled, device, score_thresh, labels)
+    return microscopy_io.to_original_grid(detections, scaled.shape[-2:], height, width)
+
+
+def say_once(said, line):
+    if line not in said:
+        said.add(line)
+        print(line)
+
+
+def object_models(detections, loaded, weights):
+    """The model each detection came from: the checkpoint's architecture, or for an ensemble
+    "ensemble:" and the architecture of the member whose candidate it was."""
+    if "sources" in detections:
+        sources = loaded.sources
+        return [f"ensemble:{sources[source]}" for source in detections["sources"].tolist()]
+    if loaded.kind == "ensemble":  # tiled or flipped views keep no sources
+        return ["ensemble"] * len(detections["scores"])
+    name = loaded.args.get("model") or os.path.basename(weights)
+    return [name] * len(detections["scores"])
 
 
 def main(argv=None):

@@ -89,6 +89,12 @@ def add_data_args(parser):
         help="skip unreadable or mis-sized images with a warning instead of stopping",
     )
     data.add_argument(
+        "--train-pixel-size",
+        type=float,
+        help="microns per pixel of the training images, kept in the checkpoint so that "
+        "predict.py rescales images of another pixel size to it",
+    )
+    data.add_argument(
         "--data-augmentation",
         default="hflip",
         choices=presets.DATA_AUGMENTATIONS,
