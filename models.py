@@ -237,9 +237,7 @@ def set_image_scale(model, scale):
     if scale <= 0:
         raise ConfigError(f"--image-scale {scale:g}: must be positive")
     old = model.transform
-    model.transform = FixedScaleTransform(
-        scale, old.image_mean, old.image_std, old.size_divisible
-    )
+    model.transform = FixedScaleTransform(scale, old.image_mean, old.image_std, old.size_divisible)
 
 
 def resnet_rcnn_parts(name):
