@@ -253,3 +253,32 @@ def test_members_must_be_the_right_models():
         ensemble.check_members(rcnn, rcnn, "a.pth", "b.pth")
     with pytest.raises(ConfigError, match="different categories"):
         ensemble.check_members(rcnn, {**net, "category_names": {1: "b"}}, "a.pth", "b.pth")
+
+
+class CountingMaskRCNN(StubMaskRCNN):
+    calls = 0
+
+    def forward(self, images):
+        self.calls += len(images)
+        return super().forward(images)
+
+
+def test_evaluate_runs_the_models_once_per_image_for_every_mode(tmp_path, scene):
+    from conftest import write_dsb_split
+
+    ann = write_dsb_split(tmp_path, "val", [(SIZE, SIZE), (SIZE, SIZE)])
+    rcnn = CountingMaskRCNN(scene[0].output)
+    model = ensemble.EnsembleModel(rcnn, scene[1], ConstantCombiner(), mode="learned")
+    loader = ensemble.eval_loader(str(ann), str(tmp_path / "val"), 0)
+    info = {"label_offset": 0, "num_classes": 2}
+    modes = ["maskrcnn", "unet", "baseline", "learned"]
+    results = ensemble.evaluate_modes(model, modes, loader, "cpu", info)
+    assert rcnn.calls == 2
+    ground_truth = len(json.loads(ann.read_text())["annotations"])
+    for metrics in results:
+        assert metrics["images"] == 2 and metrics["gt"] == ground_truth
+        assert metrics["kinds"]["fluorescence"]["gt"] == ground_truth
+        kinds = ("true_positive", "missed", "split_gt", "merged_gt")
+        assert sum(metrics[k] for k in kinds) == ground_truth
+    # Mask R-CNN alone predicts its three masks (scores >= 0.5) on each image.
+    assert results[0]["pred"] == 6
