@@ -72,6 +72,7 @@ import hashlib
 import json
 import os
 
+import cv2
 import lightgbm as lgb
 import numpy as np
 import torch
@@ -181,7 +182,18 @@ def shape_features(mask):
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
     region = regionprops(crop)[0]
-    return region.solidity, region.eccentricity, region.extent, region.perimeter / region.area
+    solidity = convex_solidity(xs, ys)
+    return solidity, region.eccentricity, region.extent, region.perimeter / region.area
+
+
+def convex_solidity(xs, ys):
+    """Pixels over the pixels of their convex hull (at most 1). The hull's pixel count is that
+    of the hull polygon of the pixel centres by Pick's theorem, area + boundary / 2 + 1, with
+    the boundary's lattice points taken as its length: scikit-image's exact count rasterises
+    the hull, some 40 ms a nucleus, which made the features the slowest step of the ensemble."""
+    hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32))
+    count = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
+    return min(1.0, len(xs) / count)
 
 
 def pair_features(candidates):

@@ -282,3 +282,14 @@ def test_evaluate_runs_the_models_once_per_image_for_every_mode(tmp_path, scene)
         assert sum(metrics[k] for k in kinds) == ground_truth
     # Mask R-CNN alone predicts its three masks (scores >= 0.5) on each image.
     assert results[0]["pred"] == 6
+
+
+def test_convex_solidity_is_one_for_convex_pixel_sets_and_drops_with_a_notch():
+    ys, xs = np.nonzero(np.ones((5, 7), dtype=bool))
+    assert ensemble.convex_solidity(xs, ys) == 1.0
+    assert ensemble.convex_solidity(np.array([3]), np.array([3])) == 1.0
+    notched = np.ones((9, 9), dtype=bool)
+    notched[3:6, 4:] = False  # a slot cut in from the right: 12 of 81 pixels
+    ys, xs = np.nonzero(notched)
+    # The hull is still the 9 x 9 square (8 x 8 between pixel centres, 32 around): 81 pixels.
+    assert ensemble.convex_solidity(xs, ys) == pytest.approx(69 / (64 + 16 + 1))
