@@ -16,18 +16,15 @@ non-overlapping instances, the ensemble file, and the `fit` and `evaluate` comma
 
 `--mode` of evaluate, one or several: `learned` (the combiner), `baseline` (no learning),
 `maskrcnn` or `unet` (one model alone), so all four run through the same loader, evaluator and
-DSB rule; with several, the two models run once per image and every mode takes their outputs
-before the next image (memory stays flat in the number of images). It prints segm AP, AP50,
-AP75 (maxDets 500: above the densest DSB 2018 image) and the DSB2018 score and F1 at IoU 0.5
-(masks scoring >= 0.5, as train.py --dsb-score) of each and, with --output-dir, writes them with
-error_analysis's counts (missed, split, merged), overall and per image kind (the `kind` of the
-image records, as datasets/dsb2018.py writes them), to metrics_<mode>.json. The
+DSB rule; with several, the two models run once per image and their outputs are reused. It
+prints segm AP, AP50, AP75 (maxDets 100) and the DSB2018 score (masks scoring >= 0.5, as
+train.py --dsb-score) of each and, with --output-dir, writes them to metrics_<mode>.json. The
 split the combiner was fitted on is refused for evaluation (same annotation file or contents),
 and so is fitting on a split that trained either model.
 
 Candidates. Each image's candidates are Mask R-CNN's detections scoring at least `min_score`
-and every U-Net instance (at most `max_candidates`, 500, of each, best first), masks binarised at
-0.5, at least `min_area` pixels.
+and every U-Net instance (at most `max_candidates` of each, best first), masks binarised at 0.5,
+at least `min_area` pixels.
 
 Features (FEATURES, in order): source (1 for the U-Net), the model's score, area, solidity,
 eccentricity, extent, perimeter / area; the mean inside the candidate of Mask R-CNN's foreground
@@ -72,20 +69,18 @@ import hashlib
 import json
 import os
 
-import cv2
 import lightgbm as lgb
 import numpy as np
 import torch
 from skimage.measure import regionprops
 
-import error_analysis
 import models
 import presets
 import unet
 import utils
 from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_to_category_id
-from engine import images_to_device
+from engine import evaluate, images_to_device
 from errors import CheckpointError, ConfigError, one_line_errors
 from instance_metrics import dsb_image_score, evaluated_instances, mask_ious, match_one_to_one
 from progress import progress
@@ -110,7 +105,7 @@ FEATURES = (
 )
 DEFAULT_THRESHOLDS = {
     "min_score": 0.05,
-    "max_candidates": 500,
+    "max_candidates": 100,
     "min_area": 10,
     "min_quality": 0.1,
     "nms_iou": 0.3,
@@ -139,8 +134,6 @@ BOOSTER_PARAMS = {
 BOOSTER_ROUNDS = 300
 # As train.py --dsb-score: the DSB score counts masks scoring at least this.
 DSB_SCORE_THRESH = 0.5
-# COCO maxDets of evaluate: above the densest DSB 2018 image (375 nuclei).
-EVAL_MAX_DETS = (1, 10, 500)
 
 
 def to_numpy(value):
@@ -182,18 +175,7 @@ def shape_features(mask):
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.uint8)
     region = regionprops(crop)[0]
-    solidity = convex_solidity(xs, ys)
-    return solidity, region.eccentricity, region.extent, region.perimeter / region.area
-
-
-def convex_solidity(xs, ys):
-    """Pixels over the pixels of their convex hull (at most 1). The hull's pixel count is that
-    of the hull polygon of the pixel centres by Pick's theorem, area + boundary / 2 + 1, with
-    the boundary's lattice points taken as its length: scikit-image's exact count rasterises
-    the hull, some 40 ms a nucleus, which made the features the slowest step of the ensemble."""
-    hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.int32))
-    count = cv2.contourArea(hull) + cv2.arcLength(hull, True) / 2 + 1
-    return min(1.0, len(xs) / count)
+    return region.solidity, region.eccentricity, region.extent, region.perimeter / region.area
 
 
 def pair_features(candidates):
@@ -351,12 +333,25 @@ class EnsembleModel(torch.nn.Module):
         self.combiner = combiner
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.mode = mode
+        self.cache = None
         # It only predicts (its models train with train.py), so it starts in eval mode.
         self.eval()
 
     @torch.no_grad()
     def model_outputs(self, images):
-        """Per image (Mask R-CNN's output, the U-Net's output, the U-Net's maps)."""
+        """Per image (Mask R-CNN's output, the U-Net's output, the U-Net's maps). While `cache`
+        is a dict they are kept by image content, so that evaluating several modes on the same
+        images runs the two models once."""
+        if self.cache is None:
+            return self.run_models(images)
+        keys = [hashlib.sha256(image.cpu().numpy().tobytes()).hexdigest() for image in images]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            outputs = self.run_models([images[i] for i in missing])
+            self.cache.update({keys[i]: output for i, output in zip(missing, outputs, strict=True)})
+        return [self.cache[key] for key in keys]
+
+    def run_models(self, images):
         maskrcnn_outputs = self.maskrcnn(images)
         maps = self.unet.predict_maps(images)
         unet_outputs = [unet.instances_from_maps(**m, **self.unet.watershed_kwargs) for m in maps]
@@ -572,17 +567,12 @@ def check_not_fit_split(fit_info, ann):
         )
 
 
-def image_record(target, output, kinds):
-    """One evaluated image's DSB2018 score, error counts (error_analysis) and kind."""
-    truth, predicted = evaluated_instances(target, output, DSB_SCORE_THRESH)
-    counts = error_analysis.classify(truth, predicted).counts()
-    kind = kinds.get(int(target["image_id"]), "all")
-    return {"kind": kind, "dsb": dsb_image_score(truth, predicted), **counts}
+def dsb_metric(target, output):
+    return dsb_image_score(*evaluated_instances(target, output, DSB_SCORE_THRESH))
 
 
 def run_evaluation(args):
-    """segm AP, AP50, AP75, the DSB2018 score and the error counts of each mode of args.mode on
-    a split, overall and per image kind."""
+    """segm AP, AP50, AP75 and the DSB2018 score of each mode of args.mode on a split."""
     device = torch.device(args.device)
     if not os.path.isfile(args.ann):
         raise ConfigError(f"--ann {args.ann}: no such file")
@@ -590,7 +580,8 @@ def run_evaluation(args):
     check_not_fit_split(record["fit"], args.ann)
     model, info = ensemble_from_checkpoint(record, args.weights, device, args.mode[0])
     loader = eval_loader(args.ann, args.images, info["label_offset"])
-    results = evaluate_modes(model, args.mode, loader, device, info)
+    model.cache = {} if len(args.mode) > 1 else None
+    results = [evaluate_mode(model, mode, loader, device, info) for mode in args.mode]
     for metrics in results:
         print(metrics_line(metrics))
         if args.output_dir:
@@ -600,52 +591,32 @@ def run_evaluation(args):
     return results
 
 
-def evaluate_modes(model, modes, loader, device, info):
-    """Each mode's metrics. The two models run once per image, and every mode's output goes to
-    its own evaluator (as RLE) and per-image counts before the next image is read, so memory
-    does not grow with the number of images."""
-    coco = loader.dataset.coco
-    to_category = label_to_category_id(info["label_offset"], info["num_classes"])
-    evaluators = {
-        mode: CocoEvaluator(coco, ["segm"], EVAL_MAX_DETS, label_to_category_id=to_category)
-        for mode in modes
+def evaluate_mode(model, mode, loader, device, info):
+    """One mode's metrics, through engine.evaluate and the repo's CocoEvaluator."""
+    model.mode = mode
+    evaluator = CocoEvaluator(
+        loader.dataset.coco,
+        ["segm"],
+        label_to_category_id=label_to_category_id(info["label_offset"], info["num_classes"]),
+    )
+    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": dsb_metric})
+    scores = list(stats["dsb"].values())
+    segm = stats["segm"]
+    return {
+        "mode": mode,
+        "segm_AP": segm[0],
+        "segm_AP50": segm[1],
+        "segm_AP75": segm[2],
+        "dsb": float(np.mean(scores)) if scores else 0.0,
+        "images": len(scores),
     }
-    kinds = {image_id: image.get("kind", "all") for image_id, image in coco.imgs.items()}
-    per_image = {mode: [] for mode in modes}
-    with torch.inference_mode():
-        for images, targets in progress(loader, desc="evaluate", unit="image"):
-            images = images_to_device(images, device)
-            for outputs, target in zip(model.model_outputs(images), targets, strict=True):
-                for mode in modes:
-                    model.mode = mode
-                    output = model.output(*outputs)
-                    evaluators[mode].update({target["image_id"]: output})
-                    per_image[mode].append(image_record(target, output, kinds))
-    return [mode_metrics(mode, evaluators[mode], per_image[mode]) for mode in modes]
-
-
-def mode_metrics(mode, evaluator, records):
-    """segm AP, AP50, AP75 and the per-image measures of one mode, overall and per kind."""
-    segm = evaluator.evaluate()["segm"]
-    metrics = {"mode": mode, "segm_AP": segm[0], "segm_AP50": segm[1], "segm_AP75": segm[2]}
-    metrics.update(image_summary(records))
-    kinds = sorted({r["kind"] for r in records})
-    metrics["kinds"] = {k: image_summary([r for r in records if r["kind"] == k]) for k in kinds}
-    return metrics
-
-
-def image_summary(records):
-    """Mean DSB2018 score over the images, and error_analysis.summarize of their counts."""
-    counts = [{k: v for k, v in r.items() if k not in ("kind", "dsb")} for r in records]
-    dsb = float(np.mean([r["dsb"] for r in records])) if records else 0.0
-    return {"dsb": dsb, **error_analysis.summarize(counts)}
 
 
 def metrics_line(metrics):
     return (
         f"{metrics['mode']}: segm AP {metrics['segm_AP']:.3f}  AP50 {metrics['segm_AP50']:.3f}  "
-        f"AP75 {metrics['segm_AP75']:.3f}  DSB2018 {metrics['dsb']:.3f}  "
-        f"F1@0.5 {metrics['f1_iou50']:.3f} ({metrics['images']} images)"
+        f"AP75 {metrics['segm_AP75']:.3f}  DSB2018 {metrics['dsb']:.3f} "
+        f"({metrics['images']} images)"
     )
 
 
