@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instance_metrics import instance_stack, mask_ious, match_one_to_one
+from instance_metrics import f1_score, instance_stack, mask_ious, match_one_to_one
 
 KINDS = ("true_positive", "missed", "extra", "split", "merged")
 MATCH_IOU = 0.5
@@ -181,12 +181,6 @@ def _covers(mask, masks, members):
     box = np.s_[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
     union = np.any([masks[index][box] for index in members], axis=0)
     return np.count_nonzero(mask[box] & union) >= MOSTLY * np.count_nonzero(mask)
-
-
-def f1_score(tp, fp, fn):
-    """2TP / (2TP + FP + FN); 1.0 when there is nothing to find and nothing was found."""
-    total = 2 * tp + fp + fn
-    return 2 * tp / total if total else 1.0
 
 
 def summarize(per_image_counts):

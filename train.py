@@ -41,11 +41,18 @@ from coco_utils import get_coco, label_to_category_id, split_paths
 from engine import NonFiniteLossError, cpu_emulates_bfloat16, evaluate, train_one_epoch
 from errors import CheckpointError, CommandError, ConfigError, DataError
 from group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_group_ids
-from instance_metrics import dsb_image_score, evaluated_instances
+from instance_metrics import (
+    NUCLEI_MEASURES,
+    evaluated_instances,
+    format_nuclei_table,
+    image_counts,
+    nuclei_metrics,
+    write_nuclei_csv,
+)
 from tiling import check_tiling
 from transforms import copy_paste_collate_fn
 
-# --dsb-score and --error-analysis count predicted masks from this score up, the default of
+# --nuclei-metrics and --error-analysis count predicted masks from this score up, the default of
 # predict.py's --score-thresh, so they describe the instances predict.py writes.
 INSTANCE_SCORE_THRESH = 0.5
 
@@ -197,8 +204,9 @@ def add_evaluation_args(parser):
     )
     evaluation.add_argument(
         "--best-metric",
-        help="what model_best.pth is best at: IOU_TYPE/STAT (segm/AP, bbox/AP50, ...), dsb, or "
-        "errors/f1_iou50 (default: segm/AP for mask models, else bbox/AP)",
+        help="what model_best.pth is best at: IOU_TYPE/STAT (segm/AP, bbox/AP50, ...), dsb, "
+        "nuclei/MEASURE (nuclei/pq, nuclei/aji, ...) or errors/f1_iou50 (default: segm/AP for "
+        "mask models, else bbox/AP)",
     )
     evaluation.add_argument(
         "--patience",
@@ -206,10 +214,13 @@ def add_evaluation_args(parser):
         help="stop when --best-metric has not improved for N evaluations",
     )
     evaluation.add_argument(
+        "--nuclei-metrics",
         "--dsb-score",
+        dest="dsb_score",
         action="store_true",
-        help="mask models: also report the DSB2018 score of the masks predicted with score "
-        f">= {INSTANCE_SCORE_THRESH}",
+        help="mask models: also report the DSB2018 score, F1, precision and recall at IoU 0.5, "
+        f"PQ and AJI of the masks predicted with score >= {INSTANCE_SCORE_THRESH}, overall and "
+        "per image kind; nuclei.csv per image",
     )
     evaluation.add_argument(
         "--error-analysis",
@@ -278,7 +289,7 @@ def check_args(args):
     if args.best_metric is not None and not valid_metric_name(args.best_metric):
         problems.append(
             f"--best-metric {args.best_metric}: use IOU_TYPE/STAT (e.g. segm/AP, bbox/AP50), "
-            "dsb or errors/f1_iou50"
+            "dsb, nuclei/MEASURE (e.g. nuclei/pq) or errors/f1_iou50"
         )
     if problems:
         raise ConfigError("; ".join(problems))
@@ -290,6 +301,8 @@ def valid_metric_name(name):
     kind, _, stat = name.partition("/")
     if kind in IOU_TYPES:
         return stat in STAT_NAMES
+    if kind == "nuclei":
+        return stat in NUCLEI_MEASURES
     return name == "dsb" or (kind == "errors" and stat in ("f1_iou50", "f1_iou70"))
 
 
@@ -305,8 +318,9 @@ def metric_value(record, name):
     if kind in IOU_TYPES:
         stats = record.get(kind)
         return None if stats is None else stats[STAT_NAMES.index(stat)]
-    if kind == "errors":
-        return record.get("errors", {}).get(stat)
+    if kind in ("errors", "nuclei"):
+        group = record.get(kind, {})
+        return (group.get("all", {}) if kind == "nuclei" else group).get(stat)
     return record.get(name)
 
 
@@ -618,13 +632,9 @@ def evaluate_and_report(args, model, data_loader_val, num_classes, device, board
         models.inference_model(args, model), data_loader_val, device, evaluator, args.amp,
         image_metrics=image_metrics(args),
     )  # fmt: skip
-    if "dsb" in stats:
-        scores = stats["dsb"]
-        stats["dsb"] = sum(scores.values()) / max(len(scores), 1)
-        utils.print_main(
-            f"DSB2018 score (masks with score >= {INSTANCE_SCORE_THRESH}, {len(scores)} images): "
-            f"{stats['dsb']:.4f}"
-        )
+    if "nuclei" in stats:
+        stats["nuclei"] = report_nuclei(args, dataset_val, stats["nuclei"])
+        stats["dsb"] = stats["nuclei"]["all"]["dsb"]
     if "errors" in stats:
         stats["errors"] = report_errors(args, dataset_val, stats["errors"])
     if utils.is_main_process():
@@ -638,17 +648,30 @@ def evaluate_and_report(args, model, data_loader_val, num_classes, device, board
 def image_metrics(args):
     """The per-image metrics evaluation computes: {name: function of (target, output)}."""
 
-    def dsb(target, output):
-        return dsb_image_score(*evaluated_instances(target, output, INSTANCE_SCORE_THRESH))
+    def nuclei(target, output):
+        return image_counts(*evaluated_instances(target, output, INSTANCE_SCORE_THRESH))
 
     def errors(target, output):
         return error_analysis.classify(
             *evaluated_instances(target, output, INSTANCE_SCORE_THRESH)
         ).counts()
 
-    metrics = {"dsb": dsb} if args.dsb_score else {}
+    metrics = {"nuclei": nuclei} if args.dsb_score else {}
     if args.error_analysis:
         metrics["errors"] = errors
+    return metrics
+
+
+def report_nuclei(args, dataset_val, per_image):
+    """Prints the nuclei measures overall and per image kind (the image records' "kind", as
+    datasets/dsb2018.py writes them) and writes nuclei.csv; returns them by group."""
+    images = dataset_val.coco.imgs
+    kinds = {image_id: images[image_id].get("kind") for image_id in per_image}
+    metrics = nuclei_metrics(per_image, kinds)
+    if utils.is_main_process():
+        print(f"masks with score >= {INSTANCE_SCORE_THRESH}; {format_nuclei_table(metrics)}")
+        names = {image_id: dataset_val.file_name(image_id) for image_id in per_image}
+        write_nuclei_csv(os.path.join(args.output_dir, "nuclei.csv"), names, kinds, per_image)
     return metrics
 
 

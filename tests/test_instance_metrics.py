@@ -5,8 +5,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_util
 
-from instance_metrics import dsb_score, instance_stack, mask_ious, match_one_to_one
+from instance_metrics import (
+    dsb_score,
+    format_nuclei_table,
+    image_counts,
+    instance_stack,
+    mask_ious,
+    match_one_to_one,
+    nuclei_metrics,
+    rle_image_counts,
+    summarize_counts,
+)
 
 
 def square(size, top, left, side):
@@ -89,3 +100,106 @@ def test_match_one_to_one_is_strictly_above_the_threshold():
 def test_module_imports_no_torch():
     code = "import sys, instance_metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def box(top, left, height, width, size=10):
+    mask = np.zeros((size, size), dtype=bool)
+    mask[top : top + height, left : left + width] = True
+    return mask
+
+
+# Two nuclei of 16 pixels; a prediction shifted by one column (12 shared pixels: IoU 12 / 20 =
+# 0.6, a match at IoU 0.50 and 0.55 only), a 4-pixel prediction touching nothing, one nucleus
+# missed.
+SHIFTED = (
+    np.stack([box(0, 0, 4, 4), box(6, 6, 4, 4)]),
+    np.stack([box(0, 1, 4, 4), box(0, 8, 2, 2)]),
+)
+# Two touching 9-pixel nuclei, one 18-pixel prediction over both (IoU 0.5 with each: no match).
+MERGED = (np.stack([box(0, 0, 3, 3), box(0, 3, 3, 3)]), box(0, 0, 3, 6)[None])
+EMPTY = np.zeros((0, 10, 10), dtype=bool)
+
+
+def test_nuclei_measures_of_one_image_by_hand():
+    measures = summarize_counts([image_counts(*SHIFTED)])
+    # TP 1, FP 1, FN 1 at IoU 0.50 and 0.55; TP 0, FP 2, FN 2 above.
+    assert measures["dsb"] == pytest.approx((1 / 3 + 1 / 3) / 10)
+    assert measures["f1_iou50"] == measures["precision_iou50"] == measures["recall_iou50"] == 0.5
+    assert measures["sq"] == pytest.approx(0.6)
+    assert measures["rq"] == 0.5
+    assert measures["pq"] == pytest.approx(0.3)
+    # C = 12; U = 20 (the match) + 16 (the missed nucleus) + 4 (the prediction nobody took).
+    assert measures["aji"] == pytest.approx(12 / 40)
+
+
+def test_aji_counts_a_prediction_over_two_nuclei_once_per_nucleus():
+    counts = image_counts(*MERGED)
+    assert (counts.aji_intersection, counts.aji_union) == (9 + 9, 18 + 18)
+    measures = summarize_counts([counts])
+    assert measures["aji"] == 0.5
+    assert measures["dsb"] == measures["f1_iou50"] == measures["pq"] == measures["sq"] == 0.0
+    assert measures["precision_iou50"] == measures["recall_iou50"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("gt", "pred", "expected"),
+    [
+        (
+            EMPTY,
+            EMPTY,
+            dict.fromkeys(
+                ["dsb", "f1_iou50", "precision_iou50", "recall_iou50", "pq", "sq", "aji"], 1.0
+            ),
+        ),
+        (
+            EMPTY,
+            SHIFTED[1],
+            {"dsb": 0, "f1_iou50": 0, "precision_iou50": 0, "recall_iou50": 1, "pq": 0, "aji": 0},
+        ),
+        (
+            SHIFTED[0],
+            EMPTY,
+            {"dsb": 0, "f1_iou50": 0, "precision_iou50": 1, "recall_iou50": 0, "pq": 0, "aji": 0},
+        ),
+    ],
+)
+def test_nuclei_measures_of_empty_images(gt, pred, expected):
+    measures = summarize_counts([image_counts(gt, pred)])
+    assert {name: measures[name] for name in expected} == expected
+
+
+def test_dsb_averages_images_and_f1_pq_pool_their_counts():
+    measures = summarize_counts([image_counts(*SHIFTED), image_counts(*MERGED)])
+    # DSB and AJI: the mean of the two images' values.
+    assert measures["dsb"] == pytest.approx((1 / 15 + 0) / 2)
+    assert measures["aji"] == pytest.approx((0.3 + 0.5) / 2)
+    # F1, precision, recall, PQ: TP 1, FP 1 + 1, FN 1 + 2 summed first.
+    assert measures["f1_iou50"] == pytest.approx(2 / (2 + 2 + 3))
+    assert measures["precision_iou50"] == pytest.approx(1 / 3)
+    assert measures["recall_iou50"] == pytest.approx(1 / 4)
+    assert measures["pq"] == pytest.approx(0.6 * 2 / 7)
+    assert (measures["images"], measures["gt"], measures["pred"]) == (2, 4, 3)
+    assert dsb_score([SHIFTED[0], MERGED[0]], [SHIFTED[1], MERGED[1]]) == measures["dsb"]
+
+
+def rles(masks):
+    return [mask_util.encode(np.asfortranarray(m, dtype=np.uint8)) for m in masks]
+
+
+@pytest.mark.parametrize("case", [SHIFTED, MERGED, (EMPTY, SHIFTED[1]), (SHIFTED[0], EMPTY)])
+def test_counts_from_rles_equal_counts_from_masks(case):
+    gt, pred = case
+    from_rles, from_masks = rle_image_counts(rles(gt), rles(pred)), image_counts(gt, pred)
+    assert from_rles.matched_iou == pytest.approx(from_masks.matched_iou)
+    assert from_rles.__dict__ | {"matched_iou": 0} == from_masks.__dict__ | {"matched_iou": 0}
+
+
+def test_nuclei_metrics_per_kind():
+    per_image = {1: image_counts(*SHIFTED), 2: image_counts(*MERGED), 3: image_counts(EMPTY, EMPTY)}
+    metrics = nuclei_metrics(per_image, {1: "fluorescence", 2: "tissue", 3: None})
+    assert list(metrics) == ["all", "fluorescence", "tissue"]
+    assert metrics["all"]["images"] == 3
+    assert metrics["fluorescence"] == summarize_counts([per_image[1]])
+    assert metrics["tissue"]["aji"] == 0.5
+    table = format_nuclei_table(metrics)
+    assert len(table.splitlines()) == 2 + 3 and "0.5000" in table.splitlines()[-1]

@@ -136,6 +136,26 @@ def test_test_only_reproduces_the_epoch_evaluation(demo_root, trained, tmp_path)
 
 
 @pytest.mark.slow
+def test_nuclei_metrics_overall_per_kind_and_per_image(demo_root, trained, tmp_path, capsys):
+    ann = demo_root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(ann.read_text())
+    for image, kind in zip(dataset["images"], ["tissue", "fluorescence", "tissue"], strict=True):
+        image["kind"] = kind
+    (tmp_path / "val.json").write_text(json.dumps(dataset))
+    checkpoint = str(trained / "checkpoint.pth")
+    data = ["--val-ann", str(tmp_path / "val.json"), "--val-images", str(demo_root / "val2017")]
+    run_main(demo_root, tmp_path, "--test-only", "--resume", checkpoint, "--nuclei-metrics", *data)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert list(result["nuclei"]) == ["all", "tissue", "fluorescence"]
+    assert [result["nuclei"][kind]["images"] for kind in ("all", "tissue")] == [3, 2]
+    assert result["dsb"] == result["nuclei"]["all"]["dsb"]
+    rows = (tmp_path / "nuclei.csv").read_text().splitlines()
+    assert rows[0].startswith("image,kind,gt,pred,tp_iou50,dsb,f1_iou50,") and len(rows) == 4
+    assert "Nuclei measures" in capsys.readouterr().out
+    assert train.metric_value(result, "nuclei/pq") == result["nuclei"]["all"]["pq"]
+
+
+@pytest.mark.slow
 def test_results_files_reproduce_the_logged_stats_with_pycocotools(demo_root, trained):
     coco_gt = COCO(str(demo_root / "annotations" / "instances_val2017.json"))
     last_epoch = read_log(trained)[-1]
