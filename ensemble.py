@@ -16,15 +16,19 @@ non-overlapping instances, the ensemble file, and the `fit` and `evaluate` comma
 
 `--mode` of evaluate, one or several: `learned` (the combiner), `baseline` (no learning),
 `maskrcnn` or `unet` (one model alone), so all four run through the same loader, evaluator and
-DSB rule; with several, the two models run once per image and their outputs are reused. It
-prints segm AP, AP50, AP75 (maxDets 100) and the DSB2018 score (masks scoring >= 0.5, as
-train.py --dsb-score) of each and, with --output-dir, writes them to metrics_<mode>.json. The
-split the combiner was fitted on is refused for evaluation (same annotation file or contents),
-and so is fitting on a split that trained either model.
+nuclei measures; with several, the two models run once per image and every mode's output is
+scored before the next image. It prints segm AP, AP50, AP75 (maxDets --max-detections) and the
+nuclei measures of instance_metrics (DSB2018 score, F1, precision and recall at IoU 0.5, PQ,
+AJI; masks scoring >= 0.5, as train.py --nuclei-metrics), overall and per image kind, of each
+and, with --output-dir, writes them to metrics_<mode>.json. Memory stays flat in the number of
+images: each output is kept only as the evaluator's RLEs and a few counts. The split the
+combiner was fitted on is refused for evaluation (same annotation file or contents), and so is
+fitting on a split that trained either model.
 
 Candidates. Each image's candidates are Mask R-CNN's detections scoring at least `min_score`
-and every U-Net instance (at most `max_candidates` of each, best first), masks binarised at 0.5,
-at least `min_area` pixels.
+and every U-Net instance (at most `max_candidates` of each, best first: above the 375 nuclei
+of the densest DSB 2018 image; Mask R-CNN's own cap is its checkpoint's
+--box-detections-per-img), masks binarised at 0.5, at least `min_area` pixels.
 
 Features (FEATURES, in order): source (1 for the U-Net), the model's score, area, solidity,
 eccentricity, extent, perimeter / area; the mean inside the candidate of Mask R-CNN's foreground
@@ -80,9 +84,16 @@ import unet
 import utils
 from coco_eval import CocoEvaluator
 from coco_utils import CocoDetection, label_to_category_id
-from engine import evaluate, images_to_device
+from engine import images_to_device
 from errors import CheckpointError, ConfigError, one_line_errors
-from instance_metrics import dsb_image_score, evaluated_instances, mask_ious, match_one_to_one
+from instance_metrics import (
+    evaluated_instances,
+    format_nuclei_table,
+    image_counts,
+    mask_ious,
+    match_one_to_one,
+    nuclei_metrics,
+)
 from progress import progress
 
 FILE_VERSION = 1
@@ -105,7 +116,7 @@ FEATURES = (
 )
 DEFAULT_THRESHOLDS = {
     "min_score": 0.05,
-    "max_candidates": 100,
+    "max_candidates": 500,
     "min_area": 10,
     "min_quality": 0.1,
     "nms_iou": 0.3,
@@ -132,7 +143,7 @@ BOOSTER_PARAMS = {
     "verbose": -1,
 }
 BOOSTER_ROUNDS = 300
-# As train.py --dsb-score: the DSB score counts masks scoring at least this.
+# As train.py --nuclei-metrics: the nuclei measures count masks scoring at least this.
 DSB_SCORE_THRESH = 0.5
 
 
@@ -333,25 +344,12 @@ class EnsembleModel(torch.nn.Module):
         self.combiner = combiner
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.mode = mode
-        self.cache = None
         # It only predicts (its models train with train.py), so it starts in eval mode.
         self.eval()
 
     @torch.no_grad()
     def model_outputs(self, images):
-        """Per image (Mask R-CNN's output, the U-Net's output, the U-Net's maps). While `cache`
-        is a dict they are kept by image content, so that evaluating several modes on the same
-        images runs the two models once."""
-        if self.cache is None:
-            return self.run_models(images)
-        keys = [hashlib.sha256(image.cpu().numpy().tobytes()).hexdigest() for image in images]
-        missing = [i for i, key in enumerate(keys) if key not in self.cache]
-        if missing:
-            outputs = self.run_models([images[i] for i in missing])
-            self.cache.update({keys[i]: output for i, output in zip(missing, outputs, strict=True)})
-        return [self.cache[key] for key in keys]
-
-    def run_models(self, images):
+        """Per image (Mask R-CNN's output, the U-Net's output, the U-Net's maps)."""
         maskrcnn_outputs = self.maskrcnn(images)
         maps = self.unet.predict_maps(images)
         unet_outputs = [unet.instances_from_maps(**m, **self.unet.watershed_kwargs) for m in maps]
@@ -567,23 +565,22 @@ def check_not_fit_split(fit_info, ann):
         )
 
 
-def dsb_metric(target, output):
-    return dsb_image_score(*evaluated_instances(target, output, DSB_SCORE_THRESH))
-
-
 def run_evaluation(args):
-    """segm AP, AP50, AP75 and the DSB2018 score of each mode of args.mode on a split."""
+    """segm AP, AP50, AP75 and the nuclei measures of each mode of args.mode on a split."""
     device = torch.device(args.device)
     if not os.path.isfile(args.ann):
         raise ConfigError(f"--ann {args.ann}: no such file")
+    if args.max_detections <= 10:
+        raise ConfigError(f"--max-detections must be above 10, got {args.max_detections}")
     record = read_ensemble_file(args.weights)
     check_not_fit_split(record["fit"], args.ann)
     model, info = ensemble_from_checkpoint(record, args.weights, device, args.mode[0])
+    model.thresholds["max_candidates"] = args.max_detections
     loader = eval_loader(args.ann, args.images, info["label_offset"])
-    model.cache = {} if len(args.mode) > 1 else None
-    results = [evaluate_mode(model, mode, loader, device, info) for mode in args.mode]
+    results = evaluate_modes(model, args.mode, loader, device, info, args.max_detections)
     for metrics in results:
         print(metrics_line(metrics))
+        print(format_nuclei_table(metrics["nuclei"]))
         if args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, f"metrics_{metrics['mode']}.json"), "w") as f:
@@ -591,24 +588,45 @@ def run_evaluation(args):
     return results
 
 
-def evaluate_mode(model, mode, loader, device, info):
-    """One mode's metrics, through engine.evaluate and the repo's CocoEvaluator."""
-    model.mode = mode
-    evaluator = CocoEvaluator(
-        loader.dataset.coco,
-        ["segm"],
-        label_to_category_id=label_to_category_id(info["label_offset"], info["num_classes"]),
-    )
-    stats = evaluate(model, loader, device, evaluator, image_metrics={"dsb": dsb_metric})
-    scores = list(stats["dsb"].values())
-    segm = stats["segm"]
+def evaluate_modes(model, modes, loader, device, info, max_detections):
+    """Each mode's metrics from one pass over the images: the two models run once per image,
+    and each mode's output is reduced to the evaluator's RLEs and the nuclei measures' counts
+    before the next image, so that no mask outlives its image."""
+    category_ids = label_to_category_id(info["label_offset"], info["num_classes"])
+    max_dets = (1, 10, max_detections)
+    evaluators = {
+        mode: CocoEvaluator(
+            loader.dataset.coco, ["segm"], max_dets, label_to_category_id=category_ids
+        )
+        for mode in modes
+    }
+    counts = {mode: {} for mode in modes}
+    for images, targets in progress(loader, desc="evaluate", unit="image"):
+        images = images_to_device(images, device)
+        for outputs, target in zip(model.model_outputs(images), targets, strict=True):
+            image_id = target["image_id"]
+            for mode in modes:
+                model.mode = mode
+                output = model.output(*outputs)
+                evaluators[mode].update({image_id: output})
+                instances = evaluated_instances(target, output, DSB_SCORE_THRESH)
+                counts[mode][image_id] = image_counts(*instances)
+    images = loader.dataset.coco.imgs
+    kinds = {image_id: images[image_id].get("kind") for image_id in images}
+    return [mode_metrics(mode, evaluators[mode], counts[mode], kinds) for mode in modes]
+
+
+def mode_metrics(mode, evaluator, per_image, kinds):
+    segm = evaluator.evaluate()["segm"]
+    nuclei = nuclei_metrics(per_image, kinds)
     return {
         "mode": mode,
         "segm_AP": segm[0],
         "segm_AP50": segm[1],
         "segm_AP75": segm[2],
-        "dsb": float(np.mean(scores)) if scores else 0.0,
-        "images": len(scores),
+        "dsb": nuclei["all"]["dsb"],
+        "images": len(per_image),
+        "nuclei": nuclei,
     }
 
 
@@ -651,6 +669,13 @@ def get_args_parser():
     eval_parser.add_argument("--ann", required=True, help="annotation file to report on")
     eval_parser.add_argument("--images", required=True, help="folder of that split's images")
     eval_parser.add_argument("--output-dir", help="write metrics_<mode>.json here")
+    eval_parser.add_argument(
+        "--max-detections",
+        type=int,
+        default=DEFAULT_THRESHOLDS["max_candidates"],
+        help="candidates per model and COCO maxDets per image, above the densest image's "
+        "nuclei (%(default)s)",
+    )
     what = "what to evaluate, one or several (the models then run once): learned"
     eval_parser.add_argument("--mode", nargs="+", choices=MODES, default=["learned"], help=what)
     for sub in (fit_parser, eval_parser):

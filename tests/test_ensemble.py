@@ -1,8 +1,10 @@
 import json
 
+import conftest
 import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_util
 
 import ensemble
 import models
@@ -253,3 +255,49 @@ def test_members_must_be_the_right_models():
         ensemble.check_members(rcnn, rcnn, "a.pth", "b.pth")
     with pytest.raises(ConfigError, match="different categories"):
         ensemble.check_members(rcnn, {**net, "category_names": {1: "b"}}, "a.pth", "b.pth")
+
+
+def rle_annotation(annotation_id, mask):
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    ys, xs = np.nonzero(mask)
+    return {
+        "id": annotation_id,
+        "image_id": annotation_id // 10,
+        "category_id": 1,
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+        "area": float(mask.sum()),
+        "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+        "iscrowd": 0,
+    }
+
+
+@pytest.fixture
+def val_split(scene, tmp_path):
+    """Two images of different kinds whose nuclei are the U-Net's two instances."""
+    unet_masks = scene[2]
+    images, annotations = [], []
+    for image_id, kind in ((1, "tissue"), (2, "fluorescence")):
+        conftest.write_image(tmp_path / "val" / f"{image_id}.png", SIZE, SIZE, seed=image_id)
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "kind": kind})
+        images[-1] |= {"height": SIZE, "width": SIZE}
+        annotations += [rle_annotation(10 * image_id + i, m) for i, m in enumerate(unet_masks)]
+    categories = [{"id": 1, "name": "nucleus"}]
+    ann = conftest.write_coco(tmp_path / "val.json", images, annotations, categories)
+    return ann, tmp_path / "val"
+
+
+def test_modes_evaluated_in_one_pass_equal_each_alone(scene, val_split):
+    rcnn, unet_model, _, _ = scene
+    model = ensemble.EnsembleModel(rcnn, unet_model, mode="baseline")
+    info = {"label_offset": 0, "num_classes": 2}
+    loader = ensemble.eval_loader(str(val_split[0]), str(val_split[1]), 0)
+    together = ensemble.evaluate_modes(model, ["unet", "maskrcnn"], loader, "cpu", info, 500)
+    alone = ensemble.evaluate_modes(model, ["maskrcnn"], loader, "cpu", info, 500)
+    assert together[1] == alone[0]
+    unet_metrics = together[0]
+    assert list(unet_metrics["nuclei"]) == ["all", "tissue", "fluorescence"]
+    assert unet_metrics["nuclei"]["tissue"]["images"] == 1
+    # The U-Net finds both nuclei of each image exactly; Mask R-CNN one of two, and two extras.
+    assert unet_metrics["nuclei"]["all"]["f1_iou50"] == 1.0
+    assert unet_metrics["dsb"] == unet_metrics["nuclei"]["all"]["dsb"] == 1.0
+    assert together[1]["nuclei"]["all"]["recall_iou50"] == 0.5
