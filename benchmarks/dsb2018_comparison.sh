@@ -119,30 +119,31 @@ metrics = {mode: json.load(open(f"{out}/metrics_{mode}.json")) for mode in names
 speed = json.load(open(f"{out}/speed.json"))
 
 
-def row(name, m, extra=""):
+def row(name, nuclei, errors):
     return (
-        f"| {name} | {m['images']} | {m['dsb']:.3f} | {m['f1_iou50']:.3f} | "
-        f"{m['rate_true_positive']:.3f} | {m['missed']} | {m['split_gt']} | {m['merged_gt']} | "
-        f"{m['extra']} |{extra}"
+        f"| {name} | {nuclei['images']} | {nuclei['dsb']:.3f} | {nuclei['f1_iou50']:.3f} | "
+        f"{nuclei['pq']:.3f} | {nuclei['aji']:.3f} | {errors['true_positive']} | "
+        f"{errors['missed']} | {errors['split_gt']} | {errors['merged_gt']} | {errors['extra']} |"
     )
 
 
-print("| model | images | DSB2018 | F1@0.5 | matched | missed | split | merged | extra "
-      "| segm AP (maxDets 500) | AP50 | images/s (CPU, 1 thread) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+COLUMNS = "images | DSB2018 | F1@0.5 | PQ | AJI | matched | missed | split | merged | extra |"
+print(f"| model | {COLUMNS} segm AP (maxDets 500) | AP50 | images/s (CPU, 1 thread) |")
+print("|---" * 14 + "|")
 for mode, name in names.items():
     m = metrics[mode]
-    rate = speed.get(mode)
-    extra = f" {m['segm_AP']:.3f} | {m['segm_AP50']:.3f} | {rate:.2f} |" if rate else ""
-    print(row(name, m, extra))
+    extra = f" {m['segm_AP']:.3f} | {m['segm_AP50']:.3f} | {speed[mode]:.2f} |"
+    print(row(name, m["nuclei"]["all"], m["errors"]["all"]) + extra)
 print()
-print("Per image kind (val):")
+print("Per image kind:")
 print()
-print("| kind | model | images | DSB2018 | F1@0.5 | matched | missed | split | merged | extra |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for kind in metrics["learned"]["kinds"]:
-    for mode, name in names.items():
-        print(row(f"{kind} | {name}", metrics[mode]["kinds"][kind]))
+print(f"| kind | model | {COLUMNS}")
+print("|---" * 12 + "|")
+for kind in metrics["learned"]["nuclei"]:
+    if kind != "all":
+        for mode, name in names.items():
+            m = metrics[mode]
+            print(row(f"{kind} | {name}", m["nuclei"][kind], m["errors"][kind]))
 print()
 print("Wall times:", open(f"{out}/times.txt").read().strip().replace("\n", "; "))
 PY
