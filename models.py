@@ -20,6 +20,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -95,6 +96,13 @@ def add_model_args(parser):
         type=int,
         help="channels of the FPN and of the mask head's convolutions (256), for "
         "maskrcnn_<resnet>_fpn and fasterrcnn_<resnet>_fpn models",
+    )
+    model.add_argument(
+        "--image-scale",
+        type=float,
+        help="resize every image by this one factor (1: the images' own scale) instead of to "
+        "--min-size/--max-size, in training, evaluation and predict.py alike; for objects of "
+        "a fixed size in pixels, such as nuclei",
     )
     model.add_argument(
         "--box-detections-per-img", default=100, type=int, help="detections kept per image"
@@ -185,6 +193,7 @@ def model_kwargs(args):
         kwargs.update({dest: getattr(args, dest) for dest in [*rcnn, "box_detections_per_img"]})
         kwargs["anchor_sizes"] = args.anchor_sizes
     kwargs["fpn_channels"] = args.fpn_channels
+    kwargs["image_scale"] = args.image_scale
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -195,6 +204,42 @@ def set_anchor_sizes(model, sizes):
     model.rpn.anchor_generator = AnchorGenerator(
         sizes=tuple((s,) for s in sizes), aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes)
     )
+
+
+class FixedScaleTransform(GeneralizedRCNNTransform):
+    """GeneralizedRCNNTransform resizing every image by one factor, whatever its size: objects
+    keep the size in pixels they were trained at, where --min-size/--max-size make it depend on
+    the image's. Normalisation, batching and mapping predictions back are torchvision's."""
+
+    def __init__(self, scale, image_mean, image_std, size_divisible):
+        super().__init__(1, 1, image_mean, image_std, size_divisible=size_divisible)
+        self.scale = scale
+
+    def resize(self, image, target=None):
+        if self.scale == 1:
+            return image, target
+        size = [round(side * self.scale) for side in image.shape[-2:]]
+        resized = torch.nn.functional.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False
+        )[0]
+        if target is None:
+            return resized, target
+        target = dict(target, boxes=resize_boxes(target["boxes"], image.shape[-2:], size))
+        if "masks" in target:
+            masks = target["masks"][:, None].float()
+            target["masks"] = torch.nn.functional.interpolate(masks, size=size)[:, 0].byte()
+        return resized, target
+
+    def __repr__(self):
+        return f"{type(self).__name__}(scale={self.scale:g})"
+
+
+def set_image_scale(model, scale):
+    """Makes `model` (an R-CNN or U-Net) resize its images by the fixed factor `scale`."""
+    if scale <= 0:
+        raise ConfigError(f"--image-scale {scale:g}: must be positive")
+    old = model.transform
+    model.transform = FixedScaleTransform(scale, old.image_mean, old.image_std, old.size_divisible)
 
 
 def resnet_rcnn_parts(name):
@@ -277,9 +322,16 @@ def built_here(name, kwargs):
     return name not in torchvision.models.list_models() or kwargs.get("fpn_channels") is not None
 
 
-def build(name, anchor_sizes=None, **kwargs):
+def build(name, anchor_sizes=None, image_scale=None, **kwargs):
     """A model by name: a U-Net of unet.py, an R-CNN on a ResNet-family backbone or any
-    torchvision model."""
+    torchvision model; with `image_scale`, resizing its images by that fixed factor."""
+    model = build_by_name(name, anchor_sizes, **kwargs)
+    if image_scale is not None:
+        set_image_scale(model, image_scale)
+    return model
+
+
+def build_by_name(name, anchor_sizes=None, **kwargs):
     if built_here(name, kwargs):
         model = build_resnet_rcnn(name, **kwargs)
         if anchor_sizes:

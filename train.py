@@ -101,6 +101,13 @@ def add_data_args(parser):
         help="training augmentation recipe",
     )
     data.add_argument(
+        "--crop-size",
+        default=presets.DEFAULT_CROP_SIZE,
+        type=int,
+        help="--data-augmentation nuclei: side of the random training crops, in pixels of the "
+        f"image ({presets.DEFAULT_CROP_SIZE})",
+    )
+    data.add_argument(
         "--use-copypaste", action="store_true", help="paste objects between images (needs lsj)"
     )
     data.add_argument(
@@ -260,7 +267,9 @@ def check_args(args):
         problems.append("--force-amp works only with --amp")
     if args.use_copypaste and args.data_augmentation != "lsj":
         problems.append("--use-copypaste works only with --data-augmentation lsj")
-    for flag in ("batch_size", "epochs", "print_freq", "box_detections_per_img"):
+    if args.image_scale is not None and (args.min_size or args.max_size):
+        problems.append("--image-scale replaces --min-size and --max-size: give one or the other")
+    for flag in ("batch_size", "epochs", "print_freq", "box_detections_per_img", "crop_size"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
@@ -347,7 +356,10 @@ def get_dataset(args, split, label_offset=None):
         raise DataError(f"{image_dir}: no such folder ({split} images)")
     if split == "train":
         transforms = presets.DetectionPresetTrain(
-            args.data_augmentation, min_size=args.min_size or 800, max_size=args.max_size or 1333
+            args.data_augmentation,
+            min_size=args.min_size or 800,
+            max_size=args.max_size or 1333,
+            crop_size=args.crop_size,
         )
         sample_seed = args.seed  # augmentations draw from per-sample seeds derived from it
     else:

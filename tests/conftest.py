@@ -108,3 +108,49 @@ def assert_boxes_enclose_masks(target, tolerance=1.0):
         tight = masks_to_boxes(mask[None])[0]
         tight[2:] += 1
         assert torch.allclose(box, tight, atol=tolerance), (box, tight)
+
+
+def write_dsb_split(root, split, shapes, seed=0):
+    """A split in the layout of datasets/dsb2018.py: RGBA PNGs under <root>/<split>/ and
+    compressed-RLE nuclei (discs of radius 3 to 6 px) in annotations/instances_<split>.json,
+    each image record with its `kind`."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for index, (height, width) in enumerate(shapes, start=1):
+        ys, xs = np.mgrid[:height, :width]
+        pixels = rng.integers(0, 40, (height, width), dtype=np.uint8)
+        for y in range(8, height - 8, 16):
+            for x in range(8, width - 8, 16):
+                disc = (ys - y) ** 2 + (xs - x) ** 2 <= rng.integers(3, 7) ** 2
+                pixels[disc] = 200
+                rle = mask_utils.encode(np.asfortranarray(disc.astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode()
+                annotations.append(
+                    {"id": len(annotations) + 1, "image_id": index, "category_id": 1,
+                     "segmentation": rle, "area": int(disc.sum()), "iscrowd": 0,
+                     "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+                )  # fmt: skip
+        name = f"{split}{index}.png"
+        rgba = np.dstack([pixels, pixels, pixels, np.full_like(pixels, 255)])
+        (root / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgba, "RGBA").save(root / split / name)
+        images.append(
+            {"id": index, "file_name": name, "height": height, "width": width,
+             "kind": "fluorescence", "large": 0}
+        )  # fmt: skip
+    categories = [{"id": 1, "name": "nucleus"}]
+    ann = root / "annotations" / f"instances_{split}.json"
+    return write_coco(ann, images, annotations, categories)
+
+
+@pytest.fixture(scope="session")
+def dsb_root(tmp_path_factory):
+    """A tiny split in the DSB 2018 converter's format: train (three images, one smaller than
+    a 64 px crop), fit and val (two each)."""
+    root = tmp_path_factory.mktemp("dsb2018")
+    write_dsb_split(root, "train", [(96, 80), (48, 40), (80, 112)], seed=0)
+    write_dsb_split(root, "fit", [(64, 64), (80, 96)], seed=1)
+    write_dsb_split(root, "val", [(96, 96), (64, 80)], seed=2)
+    return root

@@ -336,3 +336,18 @@ def test_modes_evaluated_in_one_pass_equal_each_alone(scene, val_split):
     assert unet_metrics["nuclei"]["all"]["f1_iou50"] == 1.0
     assert unet_metrics["dsb"] == unet_metrics["nuclei"]["all"]["dsb"] == 1.0
     assert together[1]["nuclei"]["all"]["recall_iou50"] == 0.5
+    # The errors of the U-Net's exact instances: every nucleus a true positive, per kind too.
+    errors = unet_metrics["errors"]
+    assert errors["all"]["true_positive"] == errors["all"]["gt"] == 4
+    assert errors["tissue"]["true_positive"] == 2 and errors["all"]["missed"] == 0
+
+
+def test_convex_solidity_is_one_for_convex_pixel_sets_and_drops_with_a_notch():
+    ys, xs = np.nonzero(np.ones((5, 7), dtype=bool))
+    assert ensemble.convex_solidity(xs, ys) == 1.0
+    assert ensemble.convex_solidity(np.array([3]), np.array([3])) == 1.0
+    notched = np.ones((9, 9), dtype=bool)
+    notched[3:6, 4:] = False  # a slot cut in from the right: 3 x 5 of 81 pixels
+    ys, xs = np.nonzero(notched)
+    # The hull is still the 9 x 9 square (8 x 8 between pixel centres, 32 around): 81 pixels.
+    assert ensemble.convex_solidity(xs, ys) == pytest.approx(66 / (64 + 16 + 1))

@@ -144,3 +144,36 @@ def test_pretrained_backbones_freeze_stages_as_torchvision_does():
 def test_fpn_channels_that_cannot_apply_are_a_one_line_error(argv, message):
     with pytest.raises(ConfigError, match=message):
         models.get_model(model_args(*argv), 3)
+
+
+def test_a_fixed_image_scale_resizes_every_image_by_that_factor():
+    images = [torch.rand(3, 40, 70), torch.rand(3, 100, 30)]
+    for name in ("unet_resnet18", "maskrcnn_resnet18_fpn"):
+        native = models.get_model(model_args("--model", name, "--image-scale", "1"), 2).eval()
+        assert native.transform(images)[0].image_sizes == [(40, 70), (100, 30)]
+        double = models.get_model(model_args("--model", name, "--image-scale", "2"), 2).eval()
+        assert double.transform(images)[0].image_sizes == [(80, 140), (200, 60)]
+
+
+def test_a_fixed_image_scale_resizes_boxes_and_masks_with_the_image():
+    model = models.get_model(model_args("--model", "unet_resnet18", "--image-scale", "2"), 2)
+    masks = torch.zeros(1, 20, 30, dtype=torch.uint8)
+    masks[0, 5:10, 3:12] = 1
+    target = {"boxes": torch.tensor([[3.0, 5.0, 12.0, 10.0]]), "masks": masks}
+    image, resized = model.transform.resize(torch.rand(3, 20, 30), target)
+    assert image.shape[-2:] == (40, 60) and resized["masks"].shape[-2:] == (40, 60)
+    assert resized["boxes"].tolist() == [[6.0, 10.0, 24.0, 20.0]]
+    assert resized["masks"].sum() == 4 * masks.sum()
+
+
+def test_the_image_scale_comes_back_from_the_checkpoint(tmp_path):
+    args = model_args("--model", "unet_resnet18", "--image-scale", "1.5")
+    save_checkpoint(tmp_path / "scaled.pth", args, models.get_model(args, 2), 2)
+    model = loading.load(str(tmp_path / "scaled.pth")).model
+    assert model.transform.scale == 1.5
+    assert model.transform([torch.rand(3, 40, 60)])[0].image_sizes == [(60, 90)]
+
+
+def test_a_non_positive_image_scale_is_a_one_line_error():
+    with pytest.raises(ConfigError, match="--image-scale 0: must be positive"):
+        models.get_model(model_args("--model", "unet_resnet18", "--image-scale", "0"), 2)

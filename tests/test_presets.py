@@ -62,3 +62,27 @@ def test_lsj_crops_to_1_28_times_the_min_size():
     torch.manual_seed(0)
     image, target = DetectionPresetTrain("lsj", min_size=50, max_size=80)(*make_sample())
     assert image.shape[-2:] == (64, 64) and target["masks"].shape[-2:] == (64, 64)
+
+
+def test_nuclei_recipe_pads_a_small_image_to_the_crop_without_resizing_it():
+    image, target = make_sample()  # 48 x 64 px, smaller than the crop
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out_image, out = DetectionPresetTrain("nuclei", crop_size=80)(image, target)
+        assert out_image.shape[-2:] == (80, 80) and out["masks"].shape[-2:] == (80, 80)
+        # Flips and quarter turns move pixels without resampling: every nucleus keeps its area.
+        assert sorted(out["masks"].sum((1, 2)).tolist()) == sorted(
+            target["masks"].sum((1, 2)).tolist()
+        )
+        assert_boxes_enclose_masks(out, tolerance=0.0)
+
+
+def test_nuclei_recipe_crops_a_large_image_at_its_own_scale():
+    image, target = make_sample(height=96, width=128)
+    torch.manual_seed(0)
+    out_image, out = DetectionPresetTrain("nuclei", crop_size=32)(image, target)
+    assert out_image.shape[-2:] == (32, 32) and out_image.dtype == torch.uint8
+    # A crop never holds more of a nucleus than the nucleus has.
+    original_areas = dict(enumerate(target["masks"].sum((1, 2)).tolist()))
+    assert all(0 < area <= max(original_areas.values()) for area in out["masks"].sum((1, 2)))
+    assert_boxes_enclose_masks(out, tolerance=0.0)

@@ -12,9 +12,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import loading
 import models
 import recipes
 import train
+from coco_eval import STAT_NAMES
 from engine import NonFiniteLossError
 
 
@@ -349,3 +351,57 @@ def test_unet_resumes_at_the_next_epoch(demo_root, unet_checkpoint, tmp_path):
     (record,) = read_log(tmp_path)
     assert record["epoch"] == 5
     assert record["train"] == pytest.approx(read_log(unet_checkpoint.parent)[-1]["train"])
+
+
+def dsb_recipe_args(name, dsb_root, output_dir, *extra):
+    root = str(dsb_root)
+    argv = ["--config", f"{ROOT}/configs/{name}", "--output-dir", str(output_dir)]
+    for split in ("train", "val"):
+        argv += [f"--{split}-ann", f"{root}/annotations/instances_{split}.json"]
+        argv += [f"--{split}-images", f"{root}/{split}"]
+    return recipes.parse_args(train.get_args_parser(), [*argv, *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dsb2018_maskrcnn.toml", "dsb2018_unet.toml"])
+def test_dsb2018_recipes_train_on_crops_and_evaluate_whole_images(name, dsb_root, tmp_path):
+    args = dsb_recipe_args(
+        name, dsb_root, tmp_path, "--epochs", "1", "--crop-size", "64", "--workers", "0",
+        "--rpn-post-nms-top-n-train", "100", "--box-batch-size-per-image", "32",
+    )  # fmt: skip
+    train.main(args)
+    (record,) = read_log(tmp_path)
+    assert record["train"]["loss"] > 0 and len(record["segm"]) == 12
+    assert {"dsb", "errors"} <= record.keys()
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["args"]["image_scale"] == 1.0
+    model = loading.load(str(tmp_path / "checkpoint.pth")).model
+    # Whole validation images at their own size, as the checkpoint says, whatever the crops were.
+    assert model.transform([torch.rand(3, 96, 96)])[0].image_sizes == [(96, 96)]
+
+
+def test_the_dsb2018_detection_cap_reaches_the_model_and_the_evaluator(dsb_root, tmp_path):
+    args = dsb_recipe_args("dsb2018_maskrcnn.toml", dsb_root, tmp_path)
+    model = models.get_model(args, 2)
+    assert model.roi_heads.detections_per_img == 500
+    assert model.rpn._post_nms_top_n["testing"] >= 500
+    dataset = train.get_dataset(args, "val")
+    evaluator = train.make_evaluator(args, model, dataset, 2)
+    assert evaluator.max_dets[-1] == 500
+    # 120 confident false detections in a corner free of nuclei, then every nucleus: a cap of
+    # 100 would count none of the nuclei.
+    _, target = dataset[0]
+    truth = target["masks"].float()
+    junk = torch.zeros(120, *truth.shape[-2:])
+    junk[:, :2, :2] = 1
+    masks = torch.cat([junk, truth])
+    count = len(masks)
+    output = {
+        "boxes": torch.cat([torch.tensor([[0.0, 0.0, 2.0, 2.0]]).repeat(120, 1), target["boxes"]]),
+        "labels": torch.ones(count, dtype=torch.int64),
+        "scores": torch.cat([torch.full((120,), 0.9), torch.full((len(truth),), 0.5)]),
+        "masks": masks[:, None],
+    }
+    evaluator.update({target["image_id"]: output})
+    recall = evaluator.evaluate()["segm"][STAT_NAMES.index("AR100")]
+    assert len(truth) > 0 and recall == 1.0
