@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from instance_metrics import f1_score, match_one_to_one
+from instance_metrics import MATCH_IOU, f1_score, match_one_to_one
 from mask_geometry import (
     instance_stack,
     intersections_from_ious,
@@ -44,7 +44,6 @@ from mask_geometry import (
 )
 
 KINDS = ("true_positive", "missed", "extra", "split", "merged")
-MATCH_IOU = 0.5
 F1_IOUS = (0.5, 0.7)
 # "Mostly inside" and "covered" both mean at least this fraction of an object's own area.
 MOSTLY = 0.5

@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as F
 
 from coco_utils import load_image, scale_high_bit_depth
 from errors import ConfigError, DataError
-from mask_geometry import crop_to_rle, rle_to_crop
+from mask_geometry import MASK_THRESHOLD, crop_to_rle, rle_to_crop
 
 TIFF_EXTENSIONS = (".tif", ".tiff")
 CHANNEL_AXES = "CS"
@@ -316,4 +316,4 @@ def resample_rle(rle, height, width):
     )
     size = (max(1, right - left), max(1, bottom - top))
     resampled = cv2.warpAffine(crop, matrix, size, flags=cv2.INTER_LINEAR, borderValue=0.0)
-    return crop_to_rle(resampled >= 0.5, top, left, height, width)
+    return crop_to_rle(resampled >= MASK_THRESHOLD, top, left, height, width)
