@@ -3,7 +3,7 @@
 # nuclei, all from scratch on the CPU: the recipes configs/dsb2018_maskrcnn.toml and
 # configs/dsb2018_unet.toml trained on the fixed split's train images, the combiner fitted on its
 # fit images, every model measured on its val images (which trained and fitted nothing): segm AP
-# (maxDets 500), DSB2018 score, F1 at IoU 0.5, and the missed / split / merged counts of
+# (maxDets 500), DSB2018 score, F1 at IoU 0.5, PQ, AJI, and the missed / split / merged counts of
 # error_analysis, overall and per image kind. From the repository root:
 #
 #     bash benchmarks/dsb2018_comparison.sh SOURCE [OUTPUT_DIR]
