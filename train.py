@@ -669,6 +669,10 @@ def report_nuclei(args, dataset_val, per_image):
     metrics = nuclei_metrics(per_image, kinds)
     if utils.is_main_process():
         print(f"masks with score >= {SCORE_THRESHOLD}; {format_nuclei_table(metrics)}")
+        print(
+            f"DSB2018 score (masks with score >= {SCORE_THRESHOLD}, {len(per_image)} images): "
+            f"{metrics['all']['dsb']:.4f}"
+        )
         names = {image_id: dataset_val.file_name(image_id) for image_id in per_image}
         write_nuclei_csv(os.path.join(args.output_dir, "nuclei.csv"), names, kinds, per_image)
     return metrics
