@@ -235,8 +235,23 @@ def segmentation_to_rle(segmentation, height, width):
     if not segmentation:
         return None
     if isinstance(segmentation["counts"], list):
+        segmentation = full_length_counts(segmentation, height, width)
         return mask_utils.frPyObjects(segmentation, height, width)
     return segmentation
+
+
+def full_length_counts(segmentation, height, width):
+    """An uncompressed RLE whose runs cover fewer pixels than its size, ended by background:
+    pycocotools would leave the pixels after its last run as whatever memory held."""
+    counts = list(segmentation["counts"])
+    missing = height * width - sum(counts)
+    if missing <= 0:
+        return segmentation
+    if len(counts) % 2:  # the last run is background: lengthen it
+        counts[-1] += missing
+    else:
+        counts.append(missing)
+    return {**segmentation, "counts": counts}
 
 
 def segmentation_to_mask(segmentation, height, width):

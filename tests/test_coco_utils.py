@@ -230,6 +230,13 @@ def expected_target(annotations, height, width):
     return masks, mask_boxes(masks, kept), [a["category_id"] for a in kept]
 
 
+@pytest.mark.parametrize("counts", [[2, 3], [2, 3, 1]])
+def test_an_uncompressed_rle_shorter_than_its_size_ends_in_background(counts):
+    for _ in range(20):  # pycocotools alone leaves the pixels after the last run undefined
+        mask = segmentation_to_mask({"size": [8, 8], "counts": counts}, 8, 8)
+        assert mask.sum() == 3 and mask.T.reshape(-1)[2:5].all()
+
+
 def test_targets_equal_one_mask_at_a_time_decoding(demo_root):
     dataset = json.loads((demo_root / "annotations" / "instances_train2017.json").read_text())
     by_image = {}
