@@ -30,8 +30,17 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from mask_geometry import MASK_THRESHOLD, crop_to_rle
 from rcnn_inference import detect
 
-# glibc's mallopt parameters.
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# glibc's mallopt parameters, and the size from which map_large_blocks maps blocks on their own.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+LARGE_BLOCK_BYTES = 2**20
+
+
+def c_mallopt():
+    """The C library's mallopt, or None where it has none."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 @functools.cache
@@ -41,12 +50,23 @@ def keep_freed_memory():
     # glibc maps each block above its mmap threshold (32 MiB at most) afresh and unmaps it when
     # freed; the feature maps of an image at full size are such blocks, so every image would
     # page-fault its gigabytes of activations in again.
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    mallopt = c_mallopt()
+    if mallopt is not None:
+        mallopt(M_MMAP_MAX, 0)
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+@functools.cache
+def map_large_blocks():
+    """Makes malloc map every block of LARGE_BLOCK_BYTES or more on its own and unmap it when
+    freed, for tiled inference; does nothing where the C library has no mallopt."""
+    # Each window's activations and masks are freed while its pieces' small crops live on. Served
+    # from the heap, the freed blocks stay trapped between the crops and the heap grows with
+    # every window, to gigabytes over a large image whose crops take megabytes. Mapping costs a
+    # few page faults per window, little beside a model's compute.
+    mallopt = c_mallopt()
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def is_mask_rcnn(model):

@@ -86,7 +86,7 @@ from commands import add_device_arg, one_line_errors
 from errors import ConfigError, DataError
 from mask_geometry import MASK_THRESHOLD, SCORE_THRESHOLD
 from progress import progress
-from tiling import TiledModel, check_tiling, map_large_blocks
+from tiling import TiledModel, check_tiling
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 # Overlays need each instance's full-size mask; tiled predictions of huge images skip them.
@@ -191,7 +191,7 @@ def predict_image(model, image, device, score_thresh, labels=None):
     """
     choose = functools.partial(kept_in_order, score_thresh=score_thresh, labels=labels)
     if isinstance(model, TiledModel):
-        map_large_blocks()
+        mask_crops.map_large_blocks()
     else:
         mask_crops.keep_freed_memory()
     if mask_crops.is_mask_rcnn(model):

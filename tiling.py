@@ -43,9 +43,6 @@ Models that resize their input (torchvision's R-CNNs resize to their `min_size`/
 see windows at the scale they were trained at: use a `tile` equal to their input size.
 """
 
-import ctypes
-import ctypes.util
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,9 +54,6 @@ from mask_geometry import MASK_THRESHOLD, box_overlap, crop_to_rle, shared_pixel
 
 # A piece at least this fraction inside another is taken for a view of the same object.
 INSIDE_FRACTION = 0.5
-# glibc's mallopt parameter, and the size from which map_large_blocks maps blocks on their own.
-M_MMAP_THRESHOLD = -3
-LARGE_BLOCK_BYTES = 2**20
 
 
 class Window(NamedTuple):
@@ -159,21 +153,6 @@ def predict_tiled(
                     output, windows[index], index, (height, width), mask_threshold
                 )
     return _to_output(merge_pieces(pieces, windows, match_iou), height, width)
-
-
-@functools.cache
-def map_large_blocks():
-    """Makes malloc map every block of LARGE_BLOCK_BYTES or more on its own and unmap it when
-    freed; does nothing where the C library has no mallopt."""
-    # Each window's activations and masks are freed while its pieces' small crops live on. Served
-    # from the heap, the freed blocks stay trapped between the crops and the heap grows with
-    # every window, to gigabytes over a large image whose crops take megabytes. Mapping costs a
-    # few page faults per window, little beside a model's compute.
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 class TiledModel(torch.nn.Module):
