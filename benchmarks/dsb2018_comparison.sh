@@ -96,9 +96,9 @@ FIT_ANN=$(every_nth fit "${FIT_STRIDE:-1}")
 VAL_ANN=$(every_nth val "${VAL_STRIDE:-1}")
 
 step fit "$OUT/ensemble.pth" python ensemble.py fit --maskrcnn "$MASKRCNN" --unet "$UNET" \
-    --ann "$FIT_ANN" --images "$DATA/fit" --output "$OUT/ensemble.pth"
+    --val-ann "$FIT_ANN" --val-images "$DATA/fit" --output "$OUT/ensemble.pth"
 step evaluate "$OUT/metrics_learned.json" python ensemble.py evaluate \
-    --weights "$OUT/ensemble.pth" --ann "$VAL_ANN" --images "$DATA/val" \
+    --weights "$OUT/ensemble.pth" --val-ann "$VAL_ANN" --val-images "$DATA/val" \
     --mode maskrcnn unet baseline learned --output-dir "$OUT"
 step speed "$OUT/speed.json" python benchmarks/dsb2018_speed.py --weights "$OUT/ensemble.pth" \
     --ann "$VAL_ANN" --images "$DATA/val" --count "${SPEED_IMAGES:-20}" \
